@@ -1,0 +1,2 @@
+/** QEMU-compatible hierarchical dirty bitmap (HBitmap): ranges, count, iterators, serialization, merge. */
+export {};

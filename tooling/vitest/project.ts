@@ -1,0 +1,20 @@
+import { defaultServerConditions } from "vite";
+import { defineProject, type UserWorkspaceConfig } from "vitest/config";
+
+/**
+ * One vitest project per workspace package. Node tests run in Vite's SSR environment, so the
+ * `@blk/source` condition goes in `ssr.resolve.conditions` (plain `resolve.conditions` has no effect):
+ * tests and benchmarks read each dependency's `src/` and need no build.
+ */
+export function blkProject(name: string, test: UserWorkspaceConfig["test"] = {}): UserWorkspaceConfig {
+  return defineProject({
+    ssr: { resolve: { conditions: ["@blk/source", ...defaultServerConditions] } },
+    test: {
+      name,
+      environment: "node",
+      include: ["test/**/*.test.ts"],
+      benchmark: { include: ["bench/**/*.bench.ts"] },
+      ...test,
+    },
+  });
+}
