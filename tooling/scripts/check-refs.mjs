@@ -29,8 +29,16 @@ for (const [name, dir] of byName) {
   const deps = Object.keys({ ...pkg.dependencies, ...pkg.peerDependencies }).filter((d) => byName.has(d));
   const refs = (JSON.parse(readFileSync(tsc, "utf8")).references ?? []).map((r) => resolve(dir, r.path));
   const want = new Set(deps.map((d) => byName.get(d)));
-  for (const w of want) if (!refs.includes(w)) (bad++, console.error(`${name}: depends on ${relative(root, w)} but its tsconfig does not reference it`));
-  for (const r of refs) if (!want.has(r)) (bad++, console.error(`${name}: references ${relative(root, r)} but does not depend on it`));
+  const problems = [
+    ...[...want]
+      .filter((w) => !refs.includes(w))
+      .map((w) => `depends on ${relative(root, w)} but its tsconfig does not reference it`),
+    ...refs
+      .filter((r) => !want.has(r))
+      .map((r) => `references ${relative(root, r)} but does not depend on it`),
+  ];
+  for (const p of problems) console.error(`${name}: ${p}`);
+  bad += problems.length;
 }
 if (bad) process.exit(1);
 console.log(`check-refs: ${byName.size} packages consistent`);

@@ -18,7 +18,9 @@ const { values, positionals } = parseArgs({
 });
 const name = positionals[0];
 if (!name || !/^[a-z][a-z0-9-]*$/.test(name)) {
-  console.error("usage: new-package <name> [--dir packages|apps|tests] [--deps a,b] [--private] [--description text]");
+  console.error(
+    "usage: new-package <name> [--dir packages|apps|tests] [--deps a,b] [--private] [--description text]",
+  );
   process.exit(2);
 }
 const pkgDir = join(root, values.dir, name);
@@ -86,7 +88,9 @@ const addRef = (file, path) => {
   const cfg = JSON.parse(readFileSync(p, "utf8"));
   cfg.references ??= [];
   if (!cfg.references.some((r) => r.path === path)) cfg.references.push({ path });
-  cfg.references.sort((a, b) => (a.path === "tsconfig.test.json" ? 1 : b.path === "tsconfig.test.json" ? -1 : a.path.localeCompare(b.path)));
+  cfg.references.sort((a, b) =>
+    a.path === "tsconfig.test.json" ? 1 : b.path === "tsconfig.test.json" ? -1 : a.path.localeCompare(b.path),
+  );
   writeFileSync(p, json(cfg));
 };
 addRef("tsconfig.json", `${values.dir}/${name}`);

@@ -86,9 +86,16 @@ export function run(cmd: string, args: readonly string[], options: RunOptions = 
     child.on("close", (code, signal) => {
       clearTimeout(timer);
       children.delete(child);
-      const res = { code, signal, stdout: Buffer.concat(out).toString(), stderr: Buffer.concat(err).toString() };
+      const res = {
+        code,
+        signal,
+        stdout: Buffer.concat(out).toString(),
+        stderr: Buffer.concat(err).toString(),
+      };
       if (timedOut)
-        reject(new PeerTimeoutError(`${cmd} ${args.join(" ")} timed out after ${timeoutMs} ms\n${res.stderr}`));
+        reject(
+          new PeerTimeoutError(`${cmd} ${args.join(" ")} timed out after ${timeoutMs} ms\n${res.stderr}`),
+        );
       else resolve(res);
     });
     child.stdin.on("error", () => {});
@@ -122,19 +129,27 @@ export interface SpawnPeerOptions extends RunOptions {
  * disposal, when `timeoutMs` passes, and at process exit at the latest.
  * @throws {PeerTimeoutError} when it is not ready in time; Error when it exits before it is ready
  */
-export async function spawnPeer(cmd: string, args: readonly string[], options: SpawnPeerOptions = {}): Promise<Peer> {
+export async function spawnPeer(
+  cmd: string,
+  args: readonly string[],
+  options: SpawnPeerOptions = {},
+): Promise<Peer> {
   hookExit();
-  const child = spawn(cmd, args, { cwd: options.cwd, env: options.env ?? process.env, stdio: ["pipe", "pipe", "pipe"] });
+  const child = spawn(cmd, args, {
+    cwd: options.cwd,
+    env: options.env ?? process.env,
+    stdio: ["pipe", "pipe", "pipe"],
+  });
   children.add(child);
   let text = "";
-  child.stdout?.on("data", (d: Buffer) => {
+  child.stdout.on("data", (d: Buffer) => {
     text += d.toString();
   });
-  child.stderr?.on("data", (d: Buffer) => {
+  child.stderr.on("data", (d: Buffer) => {
     text += d.toString();
   });
-  child.stdin?.on("error", () => {});
-  if (options.input !== undefined) child.stdin?.end(options.input);
+  child.stdin.on("error", () => {});
+  if (options.input !== undefined) child.stdin.end(options.input);
   let exitCode: number | null | undefined;
   const exited = new Promise<number | null>((resolve) => {
     child.on("close", (code) => {
@@ -176,7 +191,8 @@ export async function spawnPeer(cmd: string, args: readonly string[], options: S
   if (options.ready) {
     const deadline = Date.now() + (options.readyTimeoutMs ?? 15_000);
     for (;;) {
-      if (exitCode !== undefined) throw new Error(`${cmd} exited (${exitCode}) before it was ready:\n${text}`);
+      if (exitCode !== undefined)
+        throw new Error(`${cmd} exited (${exitCode}) before it was ready:\n${text}`);
       if (await options.ready(text)) break;
       if (Date.now() > deadline) {
         await stop(0);

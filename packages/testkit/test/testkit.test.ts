@@ -4,8 +4,8 @@ import {
   firstDifference,
   makeTempDir,
   missingPeers,
-  pattern,
   PeerTimeoutError,
+  pattern,
   run,
   sha256,
   spawnPeer,
@@ -67,23 +67,27 @@ describe("processes", () => {
     expect(r).toMatchObject({ code: 3, stdout: "hi" });
   });
   it("run kills a program that outlives its time-out", async () => {
-    await expect(run(process.execPath, ["-e", "setInterval(() => {}, 1000)"], { timeoutMs: 200 })).rejects.toBeInstanceOf(
-      PeerTimeoutError,
-    );
+    await expect(
+      run(process.execPath, ["-e", "setInterval(() => {}, 1000)"], { timeoutMs: 200 }),
+    ).rejects.toBeInstanceOf(PeerTimeoutError);
   });
   it("spawnPeer waits for readiness and stop() kills it", async () => {
-    const peer = await spawnPeer(process.execPath, ["-e", "console.log('ready'); setInterval(() => {}, 1000)"], {
-      ready: (out) => out.includes("ready"),
-    });
+    const peer = await spawnPeer(
+      process.execPath,
+      ["-e", "console.log('ready'); setInterval(() => {}, 1000)"],
+      {
+        ready: (out) => out.includes("ready"),
+      },
+    );
     expect(peer.output()).toContain("ready");
     await peer.stop(500);
     await peer.stop(); // idempotent
     expect(await peer.exited).toBe(null);
   });
   it("spawnPeer fails fast when the peer exits early", async () => {
-    await expect(spawnPeer(process.execPath, ["-e", "process.exit(4)"], { ready: () => false })).rejects.toThrow(
-      /exited \(4\)/,
-    );
+    await expect(
+      spawnPeer(process.execPath, ["-e", "process.exit(4)"], { ready: () => false }),
+    ).rejects.toThrow(/exited \(4\)/);
   });
   it("missingPeers names what is not installed", () => {
     expect(missingPeers(["node-does-not-exist-blk", "sh"])).toEqual(["node-does-not-exist-blk"]);
