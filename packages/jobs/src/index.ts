@@ -1,2 +1,33 @@
 /** Block jobs for blk: QEMU's job state machine, mirror, backup, commit and stream. */
-export {};
+export { BlockJob, type BlockJobOptions, type BlockJobType, type IgnoredError } from "./block-job.ts";
+export { errnoError, isJobError, JobError, type JobQmpClass, strerror, verbError } from "./errors.ts";
+export { isWellFormedId, Job, type JobOptions, JobTxn } from "./job.ts";
+export { type JobEventListener, JobManager, type JobManagerOptions } from "./manager.ts";
+export { BLOCK_JOB_SLICE_NS, defaultRateLimit, type RateLimitLike } from "./ratelimit.ts";
+export {
+  type BlockdevOnError,
+  type BlockErrorAction,
+  type BlockJobCompletedData,
+  type BlockJobErrorData,
+  type BlockJobInfo,
+  type BlockJobIoStatus,
+  type BlockJobPendingData,
+  type BlockJobProgressData,
+  type IoOperationType,
+  JOB_STATUSES,
+  JOB_TRANSITIONS,
+  JOB_VERB_TABLE,
+  JOB_VERBS,
+  type JobEvent,
+  type JobEventName,
+  type JobInfo,
+  type JobInfoExtensions,
+  type JobOutcome,
+  type JobStatus,
+  type JobStatusChangeData,
+  type JobType,
+  type JobVerb,
+  type QueryOptions,
+  transitionAllowed,
+  verbAllowed,
+} from "./types.ts";
