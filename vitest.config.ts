@@ -1,15 +1,10 @@
 import { defineConfig } from "vitest/config";
+import { BLK_TAGS } from "./tooling/vitest/project.ts";
 
 export default defineConfig({
   test: {
     projects: ["packages/*", "apps/*", "tests/*"],
-    tags: [
-      {
-        name: "qemu",
-        description: "needs real QEMU/NBD peers (qemu-img, qemu-nbd, nbdkit, …)",
-        timeout: 60_000,
-      },
-    ],
+    tags: BLK_TAGS,
     coverage: { provider: "v8", include: ["packages/*/src/**", "apps/*/src/**"] },
     restoreMocks: true,
   },

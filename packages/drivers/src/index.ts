@@ -1,2 +1,3 @@
 /** Block drivers for blk: file, raw, qcow2, nbd, throttle, null-co, blkdebug, and QEMU's gluster URL parser. */
-export {};
+export * from "./gluster/index.ts";
+export * from "./drivers.ts";
