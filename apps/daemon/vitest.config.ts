@@ -1,0 +1,3 @@
+import { blkProject } from "../../tooling/vitest/project.ts";
+
+export default blkProject("@blk/daemon");
