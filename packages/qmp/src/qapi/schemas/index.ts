@@ -1,0 +1,4 @@
+/** The starter set of real QAPI schemas: block-layer options and socket addresses. */
+export * from "./block.ts";
+export * from "./export.ts";
+export * from "./socket.ts";
