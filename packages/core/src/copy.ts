@@ -1,0 +1,459 @@
+/**
+ * The copy engine (QEMU's block-copy, shared by convert, commit, rebase and every job): walks a dirty
+ * bitmap of work, copies chunks with a bounded number of requests and bounded buffer memory in flight,
+ * writes zeroes (or unmaps) where block status says the source reads as zeroes, skips unallocated ranges
+ * when asked, honours a {@link RateLimit}, offers pause points, progress and cancellation, and reports
+ * each failed chunk so callers can apply their error policy.
+ */
+import { type Clock, type RateLimit, systemClock } from "@blk/throttle";
+import type { DirtyBitmap } from "./dirty-bitmap.ts";
+import type { BlockStatusExtent } from "./driver.ts";
+import { BlkError, toBlkError } from "./errors.ts";
+import type { Edge } from "./graph.ts";
+import type { BlockNode } from "./node.ts";
+
+/** Where the engine reads or writes: a node, or an edge (permission-checked I/O). */
+export type CopyEndpoint = BlockNode | Edge;
+
+/** A chunk that failed. Its bits were set again in the work bitmap. */
+export interface CopyError {
+  /** First byte of the chunk. */
+  offset: number;
+  /** Length of the chunk. */
+  bytes: number;
+  /** Which side failed: `read` (source errors) or `write` (target errors). */
+  operation: "read" | "write";
+  error: BlkError;
+}
+
+/** What to do after a failed chunk: `fail` stops the pass (it rejects); `continue` goes on. */
+export type CopyErrorAction = "fail" | "continue";
+
+/** Progress of one finished chunk. */
+export interface CopyProgress {
+  offset: number;
+  bytes: number;
+  /** Bytes read and written as data. */
+  copied: number;
+  /** Bytes written as zeroes. */
+  zeroed: number;
+  /** Bytes skipped as unallocated. */
+  skipped: number;
+}
+
+/** Options of {@link CopyEngine}. */
+export interface CopyEngineOptions {
+  source: CopyEndpoint;
+  target: CopyEndpoint;
+  /** The work: set bits are copied (cleared when a chunk starts, set again if it fails). */
+  bitmap: DirtyBitmap;
+  /** Largest chunk in bytes (rounded down to the bitmap granularity, at least one granule). Default max(granularity, 1 MiB). */
+  chunkSize?: number;
+  /** Most chunks in flight (default 64). */
+  maxWorkers?: number;
+  /** Most buffer bytes in flight (default 128 MiB; a chunk never exceeds it). */
+  maxBufferBytes?: number;
+  /**
+   * How to find zeroes and unallocated ranges: `chain` (default) asks the source's block status over its
+   * backing chain down to `base`; `node` asks the source node alone; `none` copies everything as data.
+   */
+  status?: "chain" | "node" | "none";
+  /** For `status: "chain"`: stop above this node. */
+  base?: BlockNode | null;
+  /** Skip ranges block status reports unallocated (sync=top, commit, stream). */
+  skipUnallocated?: boolean;
+  /** Zero ranges become write-zeroes with may-unmap (`unmap`, default) or without (`write-zeroes`). */
+  zeroes?: "unmap" | "write-zeroes";
+  /** Also write zeroes when data read turns out all zero (`qemu-img convert` does; block-copy does not). */
+  detectZeroBuffers?: boolean;
+  /** Speed limit on bytes started (data and zeroes; skipped ranges are free). */
+  rateLimit?: RateLimit;
+  /** Clock for the rate-limit sleeps (default the system clock). */
+  clock?: Clock;
+  /** Cancels the pass (it rejects with `ECANCELED` once in-flight chunks are done). */
+  signal?: AbortSignal;
+  /** Awaited before each chunk starts: a job's pause point. */
+  pausePoint?: () => void | Promise<void>;
+  /** Called when a chunk finished. */
+  onProgress?: (p: CopyProgress) => void;
+  /** Called when a chunk failed (default action `fail`). */
+  onError?: (e: CopyError) => CopyErrorAction | Promise<CopyErrorAction>;
+}
+
+/** What a finished pass did. */
+export interface CopyResult {
+  copied: number;
+  zeroed: number;
+  skipped: number;
+  /** Chunks that failed with action `continue` (their bits are set again). */
+  errors: CopyError[];
+}
+
+/** Counters of an engine (for tests and statistics). */
+export interface CopyEngineStats {
+  inFlight: number;
+  bufferBytesInFlight: number;
+  maxInFlight: number;
+  maxBufferBytesInFlight: number;
+}
+
+type Kind = "data" | "zero" | "skip";
+interface Segment {
+  offset: number;
+  length: number;
+  kind: Kind;
+}
+
+class ChunkFailure extends Error {
+  readonly operation: "read" | "write";
+  readonly error: BlkError;
+  constructor(operation: "read" | "write", error: BlkError) {
+    super(error.message);
+    this.operation = operation;
+    this.error = error;
+  }
+}
+
+function allZero(buf: Uint8Array): boolean {
+  for (let i = 0; i < buf.length; i++) if (buf[i] !== 0) return false;
+  return true;
+}
+
+/** Splits a buffer into runs of all-zero and other granules. */
+function zeroRuns(buf: Uint8Array, granule: number): { start: number; end: number; zero: boolean }[] {
+  const out: { start: number; end: number; zero: boolean }[] = [];
+  for (let start = 0; start < buf.length; start += granule) {
+    const end = Math.min(start + granule, buf.length);
+    const zero = allZero(buf.subarray(start, end));
+    const last = out.at(-1);
+    if (last !== undefined && last.zero === zero) last.end = end;
+    else out.push({ start, end, zero });
+  }
+  return out;
+}
+
+/**
+ * Copies what a bitmap marks from a source to a target.
+ * @example
+ * const work = src.createBitmapSync({ granularity: 65536, disabled: true });
+ * work.setDirty(0, src.length);
+ * const engine = new CopyEngine({ source: src, target: dst, bitmap: work, maxWorkers: 8 });
+ * await engine.run();
+ */
+export class CopyEngine {
+  readonly options: Readonly<CopyEngineOptions>;
+  readonly chunkSize: number;
+  readonly maxWorkers: number;
+  readonly maxBufferBytes: number;
+  readonly stats: CopyEngineStats = {
+    inFlight: 0,
+    bufferBytesInFlight: 0,
+    maxInFlight: 0,
+    maxBufferBytesInFlight: 0,
+  };
+  #cancelled = false;
+  #wake: (() => void) | undefined;
+  #clock: Clock;
+  #running = false;
+
+  constructor(options: CopyEngineOptions) {
+    this.options = options;
+    const g = options.bitmap.granularity;
+    this.maxWorkers = Math.max(1, Math.floor(options.maxWorkers ?? 64));
+    this.maxBufferBytes = Math.max(g, options.maxBufferBytes ?? 128 << 20);
+    const want = Math.min(options.chunkSize ?? Math.max(g, 1 << 20), this.maxBufferBytes);
+    this.chunkSize = Math.max(g, Math.floor(want / g) * g);
+    this.#clock = options.clock ?? systemClock;
+    options.signal?.addEventListener("abort", () => this.cancel(), { once: true });
+  }
+
+  /**
+   * Stops starting chunks: the running pass rejects with `ECANCELED` after in-flight chunks finish. A later
+   * `run()` starts afresh (unless the `signal` is aborted).
+   */
+  cancel(): void {
+    this.#cancelled = true;
+    this.wake();
+  }
+
+  /** True once cancelled. */
+  get cancelled(): boolean {
+    return this.#cancelled;
+  }
+
+  /** Ends a rate-limit sleep now (call after raising the speed). */
+  wake(): void {
+    const w = this.#wake;
+    this.#wake = undefined;
+    w?.();
+  }
+
+  #sleep(ns: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = this.#clock.setTimer(() => {
+        this.#wake = undefined;
+        resolve();
+      }, ns);
+      this.#wake = () => {
+        timer.cancel();
+        resolve();
+      };
+    });
+  }
+
+  async #throttle(): Promise<void> {
+    const rl = this.options.rateLimit;
+    if (rl === undefined) return;
+    for (;;) {
+      if (this.#cancelled) return;
+      const d = rl.calculateDelay(0, this.#clock.now());
+      if (d <= 0) return;
+      await this.#sleep(d);
+    }
+  }
+
+  /**
+   * One pass over the bitmap within `[offset, offset+bytes)` (default: all of it). Bits set behind the
+   * pass meanwhile are left for the next pass.
+   * @throws {BlkError} the first chunk error whose action is `fail`; ECANCELED when cancelled
+   */
+  async run(range: { offset?: number; bytes?: number } = {}): Promise<CopyResult> {
+    if (this.#running) throw new BlkError("EBUSY", "A copy pass is already running");
+    this.#running = true;
+    this.#cancelled = this.options.signal?.aborted ?? false;
+    try {
+      return await this.#run(range);
+    } finally {
+      this.#running = false;
+    }
+  }
+
+  async #run(range: { offset?: number; bytes?: number }): Promise<CopyResult> {
+    const { bitmap } = this.options;
+    const g = bitmap.granularity;
+    const result: CopyResult = { copied: 0, zeroed: 0, skipped: 0, errors: [] };
+    const start = Math.floor((range.offset ?? 0) / g) * g;
+    const end = Math.min(
+      bitmap.size,
+      range.bytes === undefined ? bitmap.size : (range.offset ?? 0) + range.bytes,
+    );
+    const running = new Set<Promise<void>>();
+    const st: { failure: BlkError | undefined } = { failure: undefined };
+    let pos = start;
+    // Functions, not expressions: both change while this loop awaits.
+    const stopped = (): boolean => this.#cancelled || st.failure !== undefined;
+    const fits = (bytes: number): boolean =>
+      running.size === 0 ||
+      (running.size < this.maxWorkers && this.stats.bufferBytesInFlight + bytes <= this.maxBufferBytes);
+    while (!stopped() && pos < end) {
+      let area = bitmap.nextDirtyArea(pos, end, this.chunkSize);
+      if (area === null) break;
+      if (!fits(area.count)) {
+        await Promise.race(running);
+        continue;
+      }
+      await this.options.pausePoint?.();
+      if (stopped()) break;
+      await this.#throttle();
+      if (stopped()) break;
+      // A copyRange() call may have taken bits while this loop waited.
+      area = bitmap.nextDirtyArea(pos, end, this.chunkSize);
+      if (area === null) break;
+      if (!fits(area.count)) continue;
+      bitmap.resetDirty(area.start, area.count);
+      // The rate limit accounts what the chunk will copy or zero (skipped ranges are free), known once
+      // block status has classified it; the I/O then runs in the background.
+      let planned!: (bytes: number) => void;
+      const plan = new Promise<number>((r) => (planned = r));
+      const task: Promise<void> = this.#task(area.start, area.count, result, true, planned).then(
+        (f) => {
+          if (f !== undefined) st.failure ??= f;
+        },
+        (e: unknown) => {
+          st.failure ??= toBlkError(e);
+        },
+      );
+      const tracked = task.finally(() => running.delete(tracked));
+      running.add(tracked);
+      pos = area.start + area.count;
+      const work = await plan;
+      if (work > 0) this.options.rateLimit?.calculateDelay(work, this.#clock.now());
+    }
+    await Promise.all(running);
+    if (st.failure !== undefined) throw st.failure;
+    if (this.#cancelled) throw new BlkError("ECANCELED", "Operation canceled");
+    return result;
+  }
+
+  /**
+   * Copies what is still to copy in `[offset, offset+bytes)` (widened to granules) now, ignoring the rate
+   * limit, after any chunk in flight over that range has finished: the copy-before-write path. When it
+   * resolves, the range's old data is on the target. Errors are not passed to `onError`: they reject (and
+   * the bits stay set), so the guest write that triggered the copy fails.
+   * @throws {BlkError} the chunk's error
+   */
+  async copyRange(offset: number, bytes: number): Promise<CopyResult> {
+    const { bitmap } = this.options;
+    const g = bitmap.granularity;
+    const start = Math.floor(offset / g) * g;
+    const end = Math.min(bitmap.size, Math.ceil((offset + bytes) / g) * g);
+    const result: CopyResult = { copied: 0, zeroed: 0, skipped: 0, errors: [] };
+    for (;;) {
+      const busy = [...this.#tasks].filter((t) => t.start < end && start < t.end);
+      if (busy.length > 0) {
+        await Promise.all(busy.map((t) => t.done));
+        continue;
+      }
+      const area = bitmap.nextDirtyArea(start, end, this.chunkSize);
+      if (area === null) return result;
+      bitmap.resetDirty(area.start, area.count);
+      const failure = await this.#task(area.start, area.count, result, false);
+      if (failure !== undefined) throw failure;
+    }
+  }
+
+  #tasks = new Set<{ start: number; end: number; done: Promise<unknown> }>();
+
+  #task(
+    offset: number,
+    bytes: number,
+    result: CopyResult,
+    background: boolean,
+    planned?: (bytes: number) => void,
+  ): Promise<BlkError | undefined> {
+    const done = this.#chunk(offset, bytes, result, background, planned);
+    const entry = { start: offset, end: offset + bytes, done };
+    this.#tasks.add(entry);
+    return done.finally(() => this.#tasks.delete(entry));
+  }
+
+  async #chunk(
+    offset: number,
+    bytes: number,
+    result: CopyResult,
+    background: boolean,
+    planned?: (bytes: number) => void,
+  ): Promise<BlkError | undefined> {
+    const s = this.stats;
+    s.inFlight++;
+    s.bufferBytesInFlight += bytes;
+    if (s.inFlight > s.maxInFlight) s.maxInFlight = s.inFlight;
+    if (s.bufferBytesInFlight > s.maxBufferBytesInFlight) s.maxBufferBytesInFlight = s.bufferBytesInFlight;
+    const p: CopyProgress = { offset, bytes, copied: 0, zeroed: 0, skipped: 0 };
+    try {
+      const segments = await this.#classify(offset, bytes);
+      let work = 0;
+      for (const seg of segments) if (seg.kind !== "skip") work += seg.length;
+      planned?.(work);
+      planned = undefined;
+      for (const seg of segments) await this.#segment(seg, p);
+      result.copied += p.copied;
+      result.zeroed += p.zeroed;
+      result.skipped += p.skipped;
+      this.options.onProgress?.(p);
+      return undefined;
+    } catch (e) {
+      planned?.(0);
+      planned = undefined;
+      const f = e instanceof ChunkFailure ? e : new ChunkFailure("read", toBlkError(e));
+      this.options.bitmap.setDirty(offset, bytes);
+      const err: CopyError = { offset, bytes, operation: f.operation, error: f.error };
+      const action = background ? ((await this.options.onError?.(err)) ?? "fail") : "fail";
+      if (action === "fail") return f.error;
+      result.errors.push(err);
+      return undefined;
+    } finally {
+      planned?.(0);
+      s.inFlight--;
+      s.bufferBytesInFlight -= bytes;
+    }
+  }
+
+  async #segment(seg: Segment, p: CopyProgress): Promise<void> {
+    const { source, target } = this.options;
+    if (seg.kind === "skip") {
+      p.skipped += seg.length;
+      return;
+    }
+    const mayUnmap = (this.options.zeroes ?? "unmap") === "unmap";
+    if (seg.kind === "data") {
+      const buf = new Uint8Array(seg.length);
+      try {
+        await source.readInto(seg.offset, buf);
+      } catch (e) {
+        throw new ChunkFailure("read", toBlkError(e));
+      }
+      const runs =
+        this.options.detectZeroBuffers === true
+          ? zeroRuns(buf, this.options.bitmap.granularity)
+          : [{ start: 0, end: buf.length, zero: false }];
+      for (const r of runs) {
+        try {
+          if (r.zero) await target.writeZeroes(seg.offset + r.start, r.end - r.start, { mayUnmap });
+          else await target.write(seg.offset + r.start, buf.subarray(r.start, r.end));
+        } catch (e) {
+          throw new ChunkFailure("write", toBlkError(e));
+        }
+        if (r.zero) p.zeroed += r.end - r.start;
+        else p.copied += r.end - r.start;
+      }
+      return;
+    }
+    try {
+      await target.writeZeroes(seg.offset, seg.length, { mayUnmap });
+    } catch (e) {
+      throw new ChunkFailure("write", toBlkError(e));
+    }
+    p.zeroed += seg.length;
+  }
+
+  /** Splits a chunk by block status into data/zero/skip runs of whole granules. */
+  async #classify(offset: number, bytes: number): Promise<Segment[]> {
+    const mode = this.options.status ?? "chain";
+    if (mode === "none") return [{ offset, length: bytes, kind: "data" }];
+    const { source } = this.options;
+    let extents: BlockStatusExtent[];
+    try {
+      extents =
+        mode === "chain"
+          ? await source.blockStatusAbove(
+              offset,
+              bytes,
+              this.options.base === undefined ? {} : { base: this.options.base },
+            )
+          : await source.blockStatus(offset, bytes);
+    } catch (e) {
+      throw new ChunkFailure("read", toBlkError(e));
+    }
+    const skip = this.options.skipUnallocated ?? false;
+    const kindOf = (e: BlockStatusExtent): Kind => (skip && !e.allocated ? "skip" : e.zero ? "zero" : "data");
+    const g = this.options.bitmap.granularity;
+    const end = offset + bytes;
+    const out: Segment[] = [];
+    let ei = 0;
+    for (let gs = offset; gs < end; gs += g) {
+      const ge = Math.min(gs + g, end);
+      // Extents overlapping [gs, ge): one kind for all of them, else the granule is copied as data.
+      while (ei < extents.length) {
+        const e = extents[ei];
+        if (e === undefined || e.offset + e.length > gs) break;
+        ei++;
+      }
+      let kind: Kind | undefined;
+      let covered = gs;
+      for (let j = ei; j < extents.length; j++) {
+        const e = extents[j];
+        if (e === undefined || e.offset >= ge) break;
+        const k = kindOf(e);
+        kind = kind === undefined || kind === k ? k : "data";
+        covered = Math.max(covered, e.offset + e.length);
+      }
+      if (kind === undefined || covered < ge) kind = "data";
+      const last = out.at(-1);
+      if (last !== undefined && last.kind === kind && last.offset + last.length === gs)
+        last.length += ge - gs;
+      else out.push({ offset: gs, length: ge - gs, kind });
+    }
+    return out;
+  }
+}
