@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // Scaffolds a workspace package from one template and wires it into the solution tsconfigs.
 //   pnpm new-package <name> [--dir packages|apps|tests] [--deps core,hbitmap] [--private] [--description "…"]
+import { spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -95,4 +96,13 @@ const addRef = (file, path) => {
 };
 addRef("tsconfig.json", `${values.dir}/${name}`);
 addRef("tsconfig.test.json", `${values.dir}/${name}`);
+// Leave the new files as the formatter wants them (JSON arrays folded, etc.).
+const biome = join(root, "node_modules", ".bin", "biome");
+if (existsSync(biome)) {
+  spawnSync(
+    biome,
+    ["check", "--write", pkgDir, join(root, "tsconfig.json"), join(root, "tsconfig.test.json")],
+    { stdio: "ignore" },
+  );
+}
 console.log(`created ${relative(root, pkgDir)}; run pnpm install`);
