@@ -1,0 +1,640 @@
+/**
+ * One client connection of an {@link NbdServer}: the fixed-newstyle handshake, then transmission with
+ * requests dispatched concurrently (replies leave in completion order), a bounded number in flight, and
+ * backpressure: the socket is paused while the in-flight queue is full or its write buffer is over its
+ * high-water mark. Protocol violations hard-disconnect; request failures become NBD errors.
+ */
+import type { Socket } from "node:net";
+import { isBlkError } from "@blk/core";
+import {
+  commandName,
+  NBD_CMD,
+  NBD_CMD_FLAG,
+  NBD_ERR,
+  NBD_FLAG,
+  NBD_FLAG_C,
+  NBD_INFO,
+  NBD_OPT,
+  NBD_REP,
+  NBD_REPLY_FLAG_DONE,
+  NBD_REPLY_TYPE,
+  optionName,
+} from "../protocol/constants.ts";
+import { decodeInfoRequest, decodeMetaContextRequest, nbdErrno } from "../protocol/decode.ts";
+import {
+  encodeBlockStatusChunk,
+  encodeChunk,
+  encodeErrorChunk,
+  encodeExportNameReply,
+  encodeGreeting,
+  encodeInfoBlockSize,
+  encodeInfoExport,
+  encodeInfoString,
+  encodeOffsetDataHeader,
+  encodeOffsetHole,
+  encodeOptionError,
+  encodeOptionReply,
+  encodeRepMetaContext,
+  encodeRepServer,
+  encodeSimpleReply,
+} from "../protocol/encode.ts";
+import { NbdProtocolError } from "../protocol/errors.ts";
+import { type NbdClientMessage, NbdClientStreamParser, type NbdRequest } from "../protocol/parser.ts";
+import type { NbdExport, NbdMetaContext } from "./export.ts";
+
+/** What a connection needs from its server. */
+export interface NbdConnectionHost {
+  findExport(name: string): NbdExport | undefined;
+  exportList(): readonly NbdExport[];
+  readonly maxInFlight: number;
+  readonly maxOptions: number;
+  readonly handshakeTimeoutMs: number;
+  /** The server is shutting down: options other than ABORT get `NBD_REP_ERR_SHUTDOWN`. */
+  readonly shuttingDown: boolean;
+  log(message: string): void;
+  closed(conn: NbdConnection): void;
+}
+
+/** Counters and state of a connection (for monitoring and tests). */
+export interface NbdConnectionInfo {
+  phase: "handshake" | "transmission" | "closed";
+  export: string | undefined;
+  structured: boolean;
+  inFlight: number;
+  /** Bytes queued in the socket's write buffer. */
+  writeBuffered: number;
+  /** Bytes received and not yet parsed. */
+  readBuffered: number;
+  requests: number;
+}
+
+/** A request refused before it reached the node: answered with `errno`, the connection carries on. */
+class RequestError extends Error {
+  readonly errno: number;
+  constructor(errno: number, message: string) {
+    super(message);
+    this.errno = errno;
+  }
+}
+
+const DF_VALID = NBD_CMD_FLAG.DF;
+const ZERO_VALID = NBD_CMD_FLAG.NO_HOLE | NBD_CMD_FLAG.FAST_ZERO;
+
+/** A client connection. Created by the server for each accepted socket. */
+export class NbdConnection {
+  readonly socket: Socket;
+  readonly host: NbdConnectionHost;
+  #parser: NbdClientStreamParser;
+  #phase: "handshake" | "transmission" | "closed" = "handshake";
+  #fixed = false;
+  #noZeroes = false;
+  #structured = false;
+  #export: NbdExport | undefined;
+  #meta: { exp: NbdExport; contexts: NbdMetaContext[] } | undefined;
+  #options = 0;
+  #inFlight = 0;
+  #requests = 0;
+  #writeBlocked = false;
+  #paused = false;
+  #disconnecting = false;
+  #eof = false;
+  #timer: NodeJS.Timeout | undefined;
+  #idle: (() => void)[] = [];
+
+  constructor(host: NbdConnectionHost, socket: Socket) {
+    this.host = host;
+    this.socket = socket;
+    this.#parser = new NbdClientStreamParser();
+    socket.on("data", (chunk: Buffer) => this.#onData(chunk));
+    socket.on("drain", () => {
+      this.#writeBlocked = false;
+      this.#pump();
+    });
+    socket.on("error", (e) => this.host.log(`connection error: ${e.message}`));
+    socket.on("end", () => {
+      // The client half-closed: answer what it sent, then close.
+      this.#eof = true;
+      this.#pump();
+    });
+    socket.on("close", () => this.#onClose());
+    if (host.handshakeTimeoutMs > 0) {
+      this.#timer = setTimeout(() => {
+        this.host.log("handshake timed out");
+        this.destroy();
+      }, host.handshakeTimeoutMs);
+      this.#timer.unref();
+    }
+    this.#write([encodeGreeting(NBD_FLAG.FIXED_NEWSTYLE | NBD_FLAG.NO_ZEROES)]);
+  }
+
+  /** The export in use once transmission started. */
+  get export(): NbdExport | undefined {
+    return this.#export;
+  }
+
+  /** State and counters. */
+  info(): NbdConnectionInfo {
+    return {
+      phase: this.#phase,
+      export: this.#export?.name,
+      structured: this.#structured,
+      inFlight: this.#inFlight,
+      writeBuffered: this.socket.writableLength,
+      readBuffered: this.#parser.buffered,
+      requests: this.#requests,
+    };
+  }
+
+  /** False once the client disconnected (or sent DISC/ABORT) or was dropped. */
+  get active(): boolean {
+    return this.#phase !== "closed" && !this.#disconnecting;
+  }
+
+  /** Resolves once no request is in flight. */
+  idle(): Promise<void> {
+    if (this.#inFlight === 0) return Promise.resolve();
+    return new Promise((r) => this.#idle.push(r));
+  }
+
+  /** Hard-disconnects now (in-flight requests finish; their replies are dropped). */
+  destroy(): void {
+    this.socket.destroy();
+    this.#onClose();
+  }
+
+  #onClose(): void {
+    if (this.#phase === "closed") return;
+    this.#phase = "closed";
+    if (this.#timer !== undefined) clearTimeout(this.#timer);
+    this.host.closed(this);
+  }
+
+  #onData(chunk: Buffer): void {
+    if (this.#phase === "closed" || this.#disconnecting) return;
+    try {
+      this.#parser.push(chunk);
+    } catch (e) {
+      this.#protocolError(e);
+      return;
+    }
+    this.#pump();
+  }
+
+  #protocolError(e: unknown): void {
+    this.host.log(`dropping client: ${e instanceof Error ? e.message : String(e)}`);
+    this.destroy();
+  }
+
+  /** Processes buffered messages while limits allow; pauses the socket when they do not. */
+  #pump(): void {
+    while (this.#phase !== "closed" && !this.#disconnecting) {
+      if (this.#writeBlocked || (this.#phase === "transmission" && this.#inFlight >= this.host.maxInFlight)) {
+        if (!this.#paused) {
+          this.#paused = true;
+          this.socket.pause();
+        }
+        return;
+      }
+      let m: NbdClientMessage | undefined;
+      try {
+        m = this.#parser.next();
+      } catch (e) {
+        this.#protocolError(e);
+        return;
+      }
+      if (m === undefined) {
+        if (this.#eof) {
+          this.#disconnecting = true;
+          this.#maybeFinish();
+          return;
+        }
+        break;
+      }
+      this.#dispatch(m);
+    }
+    if (this.#paused && this.#phase !== "closed") {
+      this.#paused = false;
+      this.socket.resume();
+    }
+  }
+
+  #write(bufs: readonly Uint8Array[]): void {
+    const s = this.socket;
+    if (s.destroyed || !s.writable) return;
+    if (bufs.length > 1) s.cork();
+    let ok = true;
+    for (const b of bufs) ok = s.write(b);
+    if (bufs.length > 1) s.uncork();
+    if (!ok || s.writableNeedDrain) this.#writeBlocked = true;
+  }
+
+  #dispatch(m: NbdClientMessage): void {
+    switch (m.kind) {
+      case "client-flags":
+        this.#clientFlags(m.flags);
+        return;
+      case "option-too-big":
+        this.#countOption();
+        if (m.option === NBD_OPT.EXPORT_NAME || !this.#fixed) {
+          // No reply is possible to EXPORT_NAME (or to a client without fixed newstyle): close.
+          this.destroy();
+          return;
+        }
+        this.#write([
+          encodeOptionError(m.option, NBD_REP.ERR_TOO_BIG, `option of ${m.length} bytes is too long`),
+        ]);
+        return;
+      case "option":
+        this.#countOption();
+        if (this.#phase === "handshake") this.#option(m.option, m.data);
+        return;
+      case "request":
+        this.#request(m);
+        return;
+    }
+  }
+
+  #countOption(): void {
+    if (++this.#options > this.host.maxOptions) {
+      this.#protocolError(new NbdProtocolError("TOO_BIG", `more than ${this.host.maxOptions} options`));
+    }
+  }
+
+  #clientFlags(flags: number): void {
+    const known = NBD_FLAG_C.FIXED_NEWSTYLE | NBD_FLAG_C.NO_ZEROES;
+    if ((flags & ~known) !== 0) {
+      this.#protocolError(new NbdProtocolError("BAD_FLAGS", `unknown client flags 0x${flags.toString(16)}`));
+      return;
+    }
+    this.#fixed = (flags & NBD_FLAG_C.FIXED_NEWSTYLE) !== 0;
+    this.#noZeroes = (flags & NBD_FLAG_C.NO_ZEROES) !== 0;
+  }
+
+  // ---- options ------------------------------------------------------------------------------------------
+
+  #reply(option: number, type: number, data?: Uint8Array): void {
+    this.#write([encodeOptionReply(option, type, data)]);
+  }
+
+  #error(option: number, type: number, message: string): void {
+    this.#write([encodeOptionError(option, type, message)]);
+  }
+
+  #option(option: number, data: Uint8Array): void {
+    if (option !== NBD_OPT.EXPORT_NAME && !this.#fixed) {
+      // A non-fixed newstyle client cannot parse option replies: all we can do is close.
+      this.#protocolError(
+        new NbdProtocolError("UNEXPECTED", `option ${option} from a client without fixed newstyle`),
+      );
+      return;
+    }
+    if (this.host.shuttingDown && option !== NBD_OPT.ABORT) {
+      if (option === NBD_OPT.EXPORT_NAME) this.destroy();
+      else this.#error(option, NBD_REP.ERR_SHUTDOWN, "Server is shutting down");
+      return;
+    }
+    switch (option) {
+      case NBD_OPT.EXPORT_NAME:
+        this.#optExportName(data);
+        return;
+      case NBD_OPT.ABORT:
+        this.#reply(option, NBD_REP.ACK);
+        this.#disconnecting = true;
+        this.socket.end();
+        return;
+      case NBD_OPT.LIST:
+        if (data.length !== 0) {
+          this.#error(option, NBD_REP.ERR_INVALID, "option 'list' has unexpected length");
+          return;
+        }
+        for (const e of this.host.exportList())
+          this.#write([encodeRepServer(option, e.name, e.description ?? "")]);
+        this.#reply(option, NBD_REP.ACK);
+        return;
+      case NBD_OPT.STARTTLS:
+        if (data.length !== 0) {
+          this.#error(option, NBD_REP.ERR_INVALID, "option 'starttls' has unexpected length");
+          return;
+        }
+        this.#error(option, NBD_REP.ERR_POLICY, "TLS not configured");
+        return;
+      case NBD_OPT.INFO:
+      case NBD_OPT.GO:
+        this.#optInfo(option, data);
+        return;
+      case NBD_OPT.STRUCTURED_REPLY:
+        if (data.length !== 0) {
+          this.#error(option, NBD_REP.ERR_INVALID, "option 'structured reply' has unexpected length");
+          return;
+        }
+        if (this.#structured) {
+          this.#error(option, NBD_REP.ERR_INVALID, "structured reply already negotiated");
+          return;
+        }
+        this.#structured = true;
+        this.#reply(option, NBD_REP.ACK);
+        return;
+      case NBD_OPT.LIST_META_CONTEXT:
+      case NBD_OPT.SET_META_CONTEXT:
+        this.#optMeta(option, data);
+        return;
+      default:
+        this.#error(
+          option,
+          NBD_REP.ERR_UNSUP,
+          `Unsupported option ${option} (${option <= NBD_OPT.SET_META_CONTEXT ? optionName(option) : "<unknown>"})`,
+        );
+        return;
+    }
+  }
+
+  #startTransmission(exp: NbdExport): void {
+    this.#export = exp;
+    this.#phase = "transmission";
+    if (this.#meta !== undefined && this.#meta.exp !== exp) this.#meta = undefined;
+    if (this.#timer !== undefined) clearTimeout(this.#timer);
+    this.#timer = undefined;
+    this.#parser.enterTransmission();
+    if (this.socket.remoteFamily !== undefined) this.socket.setNoDelay(true);
+  }
+
+  #optExportName(data: Uint8Array): void {
+    let name: string;
+    try {
+      name = new TextDecoder("utf-8", { fatal: true }).decode(data);
+    } catch {
+      this.destroy();
+      return;
+    }
+    const exp = this.host.findExport(name);
+    if (exp === undefined) {
+      // EXPORT_NAME cannot report errors: the only answer is to close.
+      this.destroy();
+      return;
+    }
+    this.#write([encodeExportNameReply(exp.size, exp.transmissionFlags(this.#structured), this.#noZeroes)]);
+    this.#startTransmission(exp);
+  }
+
+  #optInfo(option: number, data: Uint8Array): void {
+    let req: { name: string; infos: number[] };
+    try {
+      req = decodeInfoRequest(data);
+    } catch (e) {
+      this.#error(option, NBD_REP.ERR_INVALID, (e as Error).message);
+      return;
+    }
+    const exp = this.host.findExport(req.name);
+    if (exp === undefined) {
+      this.#error(option, NBD_REP.ERR_UNKNOWN, `export '${req.name}' not present`);
+      return;
+    }
+    const out: Uint8Array[] = [];
+    const wants = (t: number): boolean => req.infos.includes(t);
+    if (wants(NBD_INFO.NAME)) out.push(encodeInfoString(option, NBD_INFO.NAME, exp.name));
+    if (exp.description !== undefined)
+      out.push(encodeInfoString(option, NBD_INFO.DESCRIPTION, exp.description));
+    if (option === NBD_OPT.INFO || wants(NBD_INFO.BLOCK_SIZE)) {
+      out.push(encodeInfoBlockSize(option, exp.minBlock, exp.preferredBlock, exp.maxPayload));
+    }
+    out.push(encodeInfoExport(option, exp.size, exp.transmissionFlags(this.#structured)));
+    out.push(encodeOptionReply(option, NBD_REP.ACK));
+    this.#write(out);
+    if (option === NBD_OPT.GO) this.#startTransmission(exp);
+  }
+
+  #optMeta(option: number, data: Uint8Array): void {
+    const set = option === NBD_OPT.SET_META_CONTEXT;
+    if (set) this.#meta = undefined; // SET replaces the selection even when it fails
+    if (set && !this.#structured) {
+      this.#error(
+        option,
+        NBD_REP.ERR_INVALID,
+        "request option 'set meta context' when structured reply is not negotiated",
+      );
+      return;
+    }
+    let req: { name: string; queries: string[] };
+    try {
+      req = decodeMetaContextRequest(data);
+    } catch (e) {
+      this.#error(option, NBD_REP.ERR_INVALID, (e as Error).message);
+      return;
+    }
+    const exp = this.host.findExport(req.name);
+    if (exp === undefined) {
+      this.#error(option, NBD_REP.ERR_UNKNOWN, `export '${req.name}' not present`);
+      return;
+    }
+    let selected: NbdMetaContext[];
+    if (!set && req.queries.length === 0) {
+      selected = [...exp.contexts];
+    } else {
+      const chosen = new Set<NbdMetaContext>();
+      for (const q of req.queries) for (const c of exp.matchContexts(q, !set)) chosen.add(c);
+      selected = exp.contexts.filter((c) => chosen.has(c));
+    }
+    const out = selected.map((c) => encodeRepMetaContext(option, set ? c.id : 0, c.name));
+    out.push(encodeOptionReply(option, NBD_REP.ACK));
+    this.#write(out);
+    if (set) this.#meta = { exp, contexts: selected };
+  }
+
+  // ---- transmission -------------------------------------------------------------------------------------
+
+  #request(req: NbdRequest): void {
+    this.#requests++;
+    if (req.type === NBD_CMD.DISC) {
+      this.#disconnecting = true;
+      this.#maybeFinish();
+      return;
+    }
+    this.#inFlight++;
+    this.#execute(req)
+      .catch((e: unknown) => this.#sendError(req, e))
+      .finally(() => {
+        this.#inFlight--;
+        if (this.#inFlight === 0) for (const w of this.#idle.splice(0)) w();
+        if (this.#disconnecting) this.#maybeFinish();
+        else this.#pump();
+      });
+  }
+
+  #maybeFinish(): void {
+    if (this.#inFlight > 0 || this.#phase === "closed") return;
+    this.socket.end();
+  }
+
+  #sendError(req: NbdRequest, e: unknown): void {
+    let errno: number;
+    let message: string;
+    if (e instanceof RequestError) {
+      errno = e.errno;
+      message = e.message;
+    } else if (isBlkError(e)) {
+      errno = nbdErrno(e.code);
+      message = e.message;
+    } else {
+      errno = NBD_ERR.EIO;
+      message = e instanceof Error ? e.message : String(e);
+      this.host.log(`request failed: ${message}`);
+    }
+    if (this.#structured) this.#write([encodeErrorChunk(NBD_REPLY_FLAG_DONE, req.cookie, errno, message)]);
+    else this.#write([encodeSimpleReply(errno, req.cookie)]);
+  }
+
+  /**
+   * Validates flags, permission and range. `kind`: `write` changes data (EPERM when read-only, ENOSPC
+   * past the end, as the spec asks); `trim` changes data but is EINVAL past the end; others are EINVAL.
+   */
+  #check(
+    req: NbdRequest,
+    exp: NbdExport,
+    validFlags: number,
+    kind: "read" | "write" | "trim" | "none",
+  ): void {
+    const bad = req.flags & ~(validFlags | NBD_CMD_FLAG.FUA);
+    if (bad !== 0) {
+      throw new RequestError(
+        NBD_ERR.EINVAL,
+        `unsupported flags for command ${commandName(req.type)} (got 0x${req.flags.toString(16)})`,
+      );
+    }
+    if ((kind === "write" || kind === "trim") && !exp.writable) {
+      throw new RequestError(NBD_ERR.EPERM, "Export is read-only");
+    }
+    const size = exp.size;
+    if (!Number.isSafeInteger(req.offset) || req.offset > size || req.length > size - req.offset) {
+      throw new RequestError(
+        kind === "write" ? NBD_ERR.ENOSPC : NBD_ERR.EINVAL,
+        `operation past EOF; From: ${req.offset}, Len: ${req.length}, Size: ${size}`,
+      );
+    }
+    const align = exp.minBlock;
+    if (align > 1 && (req.offset % align !== 0 || req.length % align !== 0)) {
+      throw new RequestError(NBD_ERR.EINVAL, `request not aligned to the minimum block size ${align}`);
+    }
+  }
+
+  async #execute(req: NbdRequest): Promise<void> {
+    const exp = this.#export;
+    if (exp === undefined || exp.removed) throw new RequestError(NBD_ERR.ESHUTDOWN, "export removed");
+    const edge = exp.edge;
+    const fua = (req.flags & NBD_CMD_FLAG.FUA) !== 0;
+    switch (req.type) {
+      case NBD_CMD.READ: {
+        this.#check(req, exp, this.#structured ? DF_VALID : 0, "read");
+        if (req.length > exp.maxPayload) {
+          throw new RequestError(
+            NBD_ERR.EINVAL,
+            `len (${req.length}) is larger than max len (${exp.maxPayload})`,
+          );
+        }
+        await this.#read(req, exp, (req.flags & NBD_CMD_FLAG.DF) !== 0);
+        return;
+      }
+      case NBD_CMD.WRITE: {
+        this.#check(req, exp, 0, "write");
+        await edge.write(req.offset, req.data ?? new Uint8Array(0), { fua });
+        this.#ok(req);
+        return;
+      }
+      case NBD_CMD.FLUSH:
+        this.#check(req, exp, 0, "none");
+        await edge.flush();
+        this.#ok(req);
+        return;
+      case NBD_CMD.TRIM:
+        this.#check(req, exp, 0, "trim");
+        if (req.length > 0) await edge.discard(req.offset, req.length);
+        if (fua) await edge.flush();
+        this.#ok(req);
+        return;
+      case NBD_CMD.CACHE:
+        // A prefetch hint: validated, nothing to do for an in-process node.
+        this.#check(req, exp, 0, "read");
+        this.#ok(req);
+        return;
+      case NBD_CMD.WRITE_ZEROES: {
+        this.#check(req, exp, ZERO_VALID, "write");
+        if (req.length > 0) {
+          await edge.writeZeroes(req.offset, req.length, {
+            mayUnmap: (req.flags & NBD_CMD_FLAG.NO_HOLE) === 0,
+            noFallback: (req.flags & NBD_CMD_FLAG.FAST_ZERO) !== 0,
+            fua,
+          });
+        }
+        this.#ok(req);
+        return;
+      }
+      case NBD_CMD.BLOCK_STATUS:
+        await this.#blockStatus(req, exp);
+        return;
+      default:
+        throw new RequestError(NBD_ERR.EINVAL, `invalid request type (${req.type}) received`);
+    }
+  }
+
+  #ok(req: NbdRequest): void {
+    this.#write([encodeSimpleReply(0, req.cookie)]);
+  }
+
+  async #read(req: NbdRequest, exp: NbdExport, df: boolean): Promise<void> {
+    const { offset, length, cookie } = req;
+    const edge = exp.edge;
+    if (!this.#structured || df || length === 0) {
+      const buf = Buffer.allocUnsafeSlow(length);
+      if (length > 0) await edge.readInto(offset, buf);
+      if (!this.#structured) this.#write([encodeSimpleReply(0, cookie), buf]);
+      else if (length === 0) this.#write([encodeChunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE.NONE, cookie)]);
+      else this.#write([encodeOffsetDataHeader(NBD_REPLY_FLAG_DONE, cookie, offset, length), buf]);
+      return;
+    }
+    // Sparse read: zero ranges become holes, the rest is read (all before anything is sent, so a failure
+    // is a single error chunk).
+    const runs: { offset: number; length: number; zero: boolean }[] = [];
+    try {
+      for (const e of await exp.node.blockStatusAbove(offset, length)) {
+        const last = runs.at(-1);
+        if (last !== undefined && last.zero === e.zero) last.length += e.length;
+        else runs.push({ offset: e.offset, length: e.length, zero: e.zero });
+      }
+    } catch {
+      runs.length = 0;
+    }
+    const covered = runs.reduce((s, r) => s + r.length, 0);
+    if (covered !== length) runs.splice(0, runs.length, { offset, length, zero: false });
+    const out: Uint8Array[] = [];
+    for (const [i, r] of runs.entries()) {
+      const flags = i === runs.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
+      if (r.zero) {
+        out.push(encodeOffsetHole(flags, cookie, r.offset, r.length));
+      } else {
+        const buf = Buffer.allocUnsafeSlow(r.length);
+        await edge.readInto(r.offset, buf);
+        out.push(encodeOffsetDataHeader(flags, cookie, r.offset, r.length), buf);
+      }
+    }
+    this.#write(out);
+  }
+
+  async #blockStatus(req: NbdRequest, exp: NbdExport): Promise<void> {
+    const meta = this.#meta;
+    if (!this.#structured || meta === undefined || meta.exp !== exp || meta.contexts.length === 0) {
+      throw new RequestError(NBD_ERR.EINVAL, "no meta context selected for block status");
+    }
+    this.#check(req, exp, NBD_CMD_FLAG.REQ_ONE, "read");
+    if (req.length === 0) throw new RequestError(NBD_ERR.EINVAL, "block status of length 0");
+    const reqOne = (req.flags & NBD_CMD_FLAG.REQ_ONE) !== 0;
+    const all = await exp.blockStatus(meta.contexts, req.offset, req.length, reqOne);
+    const out = meta.contexts.map((c, i) =>
+      encodeBlockStatusChunk(
+        i === meta.contexts.length - 1 ? NBD_REPLY_FLAG_DONE : 0,
+        req.cookie,
+        c.id,
+        all[i] ?? [],
+      ),
+    );
+    this.#write(out);
+  }
+}

@@ -1,0 +1,228 @@
+/**
+ * One NBD export: a {@link BlockNode} attached under an unnamed BlockBackend parent (edge `root`, holding
+ * consistent-read, plus write when writable, and sharing everything, as QEMU's block exports do), its
+ * advertised flags and block sizes, and its metadata contexts with QEMU's fixed ids
+ * (`base:allocation` 0, `qemu:allocation-depth` 1, `qemu:dirty-bitmap:NAME` 2 + i).
+ */
+import {
+  BlkError,
+  type BlockNode,
+  backendParent,
+  type DirtyBitmap,
+  type Edge,
+  PERM,
+  PERM_ALL,
+} from "@blk/core";
+import {
+  META_BASE_ALLOCATION,
+  META_QEMU_ALLOCATION_DEPTH,
+  META_QEMU_DIRTY_BITMAP_PREFIX,
+  NBD_MAX_PAYLOAD,
+  NBD_MAX_STRING,
+  NBD_STATE,
+  NBD_STATE_DIRTY,
+  NBD_TFLAG,
+} from "../protocol/constants.ts";
+import type { NbdExtent } from "../protocol/encode.ts";
+
+/** Options of {@link NbdServer.addExport} (QEMU's `BlockExportOptionsNbd` members, camel-cased). */
+export interface NbdExportOptions {
+  /** Export name clients ask for (default: the node name). At most 4096 bytes. */
+  name?: string;
+  /** The node to export. */
+  node: BlockNode;
+  /** Free-form description sent with `NBD_INFO_DESCRIPTION` and `NBD_REP_SERVER`. */
+  description?: string;
+  /** Allow writes (default false: the export is read-only). */
+  writable?: boolean;
+  /** Names of dirty bitmaps of `node` exposed as `qemu:dirty-bitmap:NAME`. */
+  bitmaps?: readonly string[];
+  /** Expose `qemu:allocation-depth`. */
+  allocationDepth?: boolean;
+  /** Advertise `NBD_FLAG_CAN_MULTI_CONN` (default false, as qemu-nbd's default). */
+  multiConn?: boolean;
+  /** Largest READ/WRITE payload advertised and accepted (default 32 MiB). */
+  maxPayload?: number;
+}
+
+/** A metadata context an export offers. */
+export interface NbdMetaContext {
+  id: number;
+  name: string;
+  kind: "base:allocation" | "allocation-depth" | "dirty-bitmap";
+  bitmap?: DirtyBitmap;
+}
+
+/** At most this many extents per block-status chunk (QEMU's cap: 1 MiB of extent data). */
+export const NBD_MAX_BLOCK_STATUS_EXTENTS = 131072;
+
+const utf8 = new TextEncoder();
+
+/** A live export. Created by {@link NbdServer.addExport}. */
+export class NbdExport {
+  readonly name: string;
+  readonly node: BlockNode;
+  readonly description: string | undefined;
+  readonly writable: boolean;
+  readonly multiConn: boolean;
+  readonly maxPayload: number;
+  /** Offered contexts in id order. */
+  readonly contexts: readonly NbdMetaContext[];
+  readonly edge: Edge;
+  #removed = false;
+
+  /** @internal Use {@link NbdServer.addExport}. @throws {BlkError} */
+  constructor(options: NbdExportOptions) {
+    const node = options.node;
+    const name = options.name ?? node.nodeName;
+    if (utf8.encode(name).length > NBD_MAX_STRING) {
+      throw new BlkError("EINVAL", "export name too long");
+    }
+    if (options.description !== undefined && utf8.encode(options.description).length > NBD_MAX_STRING) {
+      throw new BlkError("EINVAL", "description too long");
+    }
+    const maxPayload = options.maxPayload ?? NBD_MAX_PAYLOAD;
+    if (!Number.isInteger(maxPayload) || maxPayload < 4096 || maxPayload > NBD_MAX_PAYLOAD) {
+      throw new BlkError("EINVAL", `maxPayload must be in [4096, ${NBD_MAX_PAYLOAD}]`);
+    }
+    this.name = name;
+    this.node = node;
+    this.description = options.description;
+    this.writable = options.writable ?? false;
+    this.multiConn = options.multiConn ?? false;
+    this.maxPayload = maxPayload;
+    const contexts: NbdMetaContext[] = [{ id: 0, name: META_BASE_ALLOCATION, kind: "base:allocation" }];
+    if (options.allocationDepth === true) {
+      contexts.push({ id: 1, name: META_QEMU_ALLOCATION_DEPTH, kind: "allocation-depth" });
+    }
+    const bitmaps: DirtyBitmap[] = [];
+    for (const [i, bname] of (options.bitmaps ?? []).entries()) {
+      const bm = node.getBitmap(bname);
+      if (bm === undefined) throw new BlkError("ENOENT", `Bitmap '${bname}' is not found`);
+      bm.check("allow-ro");
+      if (!this.writable && !node.readOnly && bm.enabled) {
+        throw new BlkError("EINVAL", `Enabled bitmap '${bname}' incompatible with readonly export`);
+      }
+      if (bitmaps.includes(bm)) throw new BlkError("EINVAL", `Bitmap '${bname}' is exported twice`);
+      bitmaps.push(bm);
+      contexts.push({
+        id: 2 + i,
+        name: META_QEMU_DIRTY_BITMAP_PREFIX + bname,
+        kind: "dirty-bitmap",
+        bitmap: bm,
+      });
+    }
+    this.contexts = contexts;
+    const perm = PERM.CONSISTENT_READ | (this.writable ? PERM.WRITE : 0);
+    this.edge = node.graph.attach(backendParent(), node, { name: "root", perm, shared: PERM_ALL });
+    for (const b of bitmaps) b.busy = true;
+  }
+
+  /** Current size in bytes. */
+  get size(): number {
+    return this.node.length;
+  }
+
+  /** The minimum block size advertised (the node's request alignment, at least 1). */
+  get minBlock(): number {
+    return Math.max(1, this.node.state.limits.requestAlignment);
+  }
+
+  /** The preferred block size advertised. */
+  get preferredBlock(): number {
+    return Math.max(4096, this.minBlock);
+  }
+
+  /** Transmission flags for a connection (DF only with structured replies). */
+  transmissionFlags(structured: boolean): number {
+    let f = NBD_TFLAG.HAS_FLAGS | NBD_TFLAG.SEND_FLUSH | NBD_TFLAG.SEND_FUA | NBD_TFLAG.SEND_CACHE;
+    if (this.writable) {
+      f |= NBD_TFLAG.SEND_TRIM | NBD_TFLAG.SEND_WRITE_ZEROES | NBD_TFLAG.SEND_FAST_ZERO;
+    } else {
+      f |= NBD_TFLAG.READ_ONLY;
+    }
+    if (structured) f |= NBD_TFLAG.SEND_DF;
+    if (this.multiConn) f |= NBD_TFLAG.CAN_MULTI_CONN;
+    return f;
+  }
+
+  /**
+   * Contexts matching a LIST (`list` true) or SET query. Unknown namespaces and leaves match nothing;
+   * in LIST, `base:`, `qemu:` and `qemu:dirty-bitmap:` are wildcards.
+   */
+  matchContexts(query: string, list: boolean): NbdMetaContext[] {
+    const out: NbdMetaContext[] = [];
+    for (const c of this.contexts) {
+      if (c.name === query) out.push(c);
+      else if (list && (query === "base:" || query === "qemu:") && c.name.startsWith(query)) out.push(c);
+      else if (list && query === META_QEMU_DIRTY_BITMAP_PREFIX && c.kind === "dirty-bitmap") out.push(c);
+    }
+    return out;
+  }
+
+  /** True once removed from its server. */
+  get removed(): boolean {
+    return this.#removed;
+  }
+
+  /** @internal Detaches from the graph and releases the bitmaps. */
+  _release(): void {
+    if (this.#removed) return;
+    this.#removed = true;
+    for (const c of this.contexts) if (c.bitmap !== undefined) c.bitmap.busy = false;
+    this.node.graph.detach(this.edge);
+  }
+
+  /**
+   * Block status of `[offset, offset+length)` for each context (in the order given), extents merged and
+   * clipped to the range; with `reqOne`, one extent per context.
+   */
+  async blockStatus(
+    contexts: readonly NbdMetaContext[],
+    offset: number,
+    length: number,
+    reqOne: boolean,
+  ): Promise<NbdExtent[][]> {
+    const end = Math.min(offset + length, this.size);
+    const max = reqOne ? 1 : NBD_MAX_BLOCK_STATUS_EXTENTS;
+    const needChain = contexts.some((c) => c.kind !== "dirty-bitmap");
+    const chain = needChain ? await this.node.blockStatusAbove(offset, end - offset) : [];
+    return contexts.map((c) => {
+      const out: NbdExtent[] = [];
+      const add = (len: number, flags: number): boolean => {
+        const last = out.at(-1);
+        if (last !== undefined && last.flags === flags) last.length += len;
+        else {
+          if (out.length >= max) return false;
+          out.push({ length: len, flags });
+        }
+        return true;
+      };
+      if (c.kind === "dirty-bitmap") {
+        const bm = c.bitmap;
+        let pos = offset;
+        const bend = Math.min(end, bm?.size ?? 0);
+        while (bm !== undefined && pos < bend) {
+          const dirty = bm.get(pos);
+          const next = dirty ? bm.nextZero(pos, bend - pos) : bm.nextDirty(pos, bend - pos);
+          const stop = next < 0 || next > bend ? bend : Math.max(next, pos + 1);
+          if (!add(stop - pos, dirty ? NBD_STATE_DIRTY : 0)) break;
+          pos = stop;
+        }
+        if (pos < end && out.length < max) add(end - pos, 0);
+      } else {
+        for (const e of chain) {
+          const flags =
+            c.kind === "base:allocation"
+              ? (e.data ? 0 : NBD_STATE.HOLE) | (e.zero ? NBD_STATE.ZERO : 0)
+              : e.allocated
+                ? (e.depth ?? 0) + 1
+                : 0;
+          if (!add(e.length, flags)) break;
+        }
+      }
+      // Extents never exceed the u32 request length, so they fit the wire's u32 field.
+      return out;
+    });
+  }
+}

@@ -1,0 +1,14 @@
+/** The NBD server: exports {@link BlockNode}s over unix sockets and TCP. */
+export type { NbdConnectionInfo } from "./connection.ts";
+export {
+  NBD_MAX_BLOCK_STATUS_EXTENTS,
+  NbdExport,
+  type NbdExportOptions,
+  type NbdMetaContext,
+} from "./export.ts";
+export {
+  type NbdListenAddress,
+  type NbdRemoveExportOptions,
+  NbdServer,
+  type NbdServerOptions,
+} from "./server.ts";
