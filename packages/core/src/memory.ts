@@ -82,6 +82,7 @@ export class MemoryDriver extends BlockDriverBase {
    */
   hook: ((req: MemoryRequest) => void | Promise<void>) | undefined;
   #clusters = new Map<number, Cluster>();
+  #materialising = new Map<number, Promise<Uint8Array>>();
   #size: number;
   #backing: Edge | undefined;
 
@@ -190,10 +191,18 @@ export class MemoryDriver extends BlockDriverBase {
   async #cluster(idx: number): Promise<Uint8Array> {
     const c = this.#clusters.get(idx);
     if (c instanceof Uint8Array) return c;
-    const buf = new Uint8Array(this.clusterSize);
-    if (c === undefined) await this.#readRange(idx * this.clusterSize, buf);
-    this.#clusters.set(idx, buf);
-    return buf;
+    // Concurrent partial writes into one unallocated cluster share a single materialisation: each one
+    // building its own buffer (after awaiting the backing read) would let the last one drop the others.
+    const pending = this.#materialising.get(idx);
+    if (pending !== undefined) return pending;
+    const done = (async () => {
+      const buf = new Uint8Array(this.clusterSize);
+      if (c === undefined) await this.#readRange(idx * this.clusterSize, buf);
+      this.#clusters.set(idx, buf);
+      return buf;
+    })().finally(() => this.#materialising.delete(idx));
+    this.#materialising.set(idx, done);
+    return done;
   }
 
   protected override async _write(offset: number, data: Uint8Array): Promise<void> {

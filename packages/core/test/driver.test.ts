@@ -8,6 +8,7 @@ import {
   type DirtyBitmap,
   isBlkError,
   MemoryDriver,
+  memoryDriver,
   PERM,
   type PersistentBitmap,
 } from "../src/index.ts";
@@ -154,5 +155,18 @@ describe("node hooks for drivers", () => {
     expect((file.state as MemoryDriver).counters.flushes).toBe(1);
     const info: BlockDriverInfo = await f.info();
     expect(info.clusterSize).toBe(65536);
+  });
+});
+
+describe("memory driver concurrency", () => {
+  it("keeps every one of many concurrent sub-cluster writes into one unallocated cluster", async () => {
+    const graph = new BlockGraph();
+    const node = await graph.open(memoryDriver, { size: 1 << 20, clusterSize: 65536 }, { nodeName: "m" });
+    await Promise.all(
+      Array.from({ length: 64 }, (_, i) => node.write(i * 1024, new Uint8Array(1024).fill(i + 1))),
+    );
+    const data = await node.read(0, 65536);
+    for (let i = 0; i < 64; i++) expect(data[i * 1024]).toBe(i + 1);
+    await node.close();
   });
 });
