@@ -1,10 +1,20 @@
 /**
- * QEMU's block job layer (`blockjob.c`, 7.2), graph-independent part: speed limit through a rate limit on
- * the job's clock, error policies with `BLOCK_JOB_ERROR` and `io-status`, the `BLOCK_JOB_*` events and the
- * `query-block-jobs` entry. Holding nodes (drains → {@link Job.holdPause}) is added on top of this class.
- * See `spec/jobs.md` §1.7, §1.8, §1.10.
+ * QEMU's block job layer (`blockjob.c`, 7.2): speed limit through a rate limit on the job's clock, error
+ * policies with `BLOCK_JOB_ERROR` and `io-status`, the `BLOCK_JOB_*` events, the `query-block-jobs` entry,
+ * and node holding: a job is a parent of the nodes it works on (job edges with their permissions, QEMU's
+ * `block_job_add_bdrv`), those nodes are busy for other operations, and drains of them pause the job.
+ * See `spec/jobs.md` §1.5, §1.7, §1.8, §1.10.
  */
-import { type BlkError, type BlkErrorCode, toBlkError } from "@blk/core";
+import {
+  type BlkError,
+  type BlkErrorCode,
+  type BlockNode,
+  type Edge,
+  type ExternalParent,
+  jobParent,
+  PERM_ALL,
+  toBlkError,
+} from "@blk/core";
 import { errnoError, JobError } from "./errors.ts";
 import { Job, type JobOptions } from "./job.ts";
 import { BLOCK_JOB_SLICE_NS, defaultRateLimit, type RateLimitLike } from "./ratelimit.ts";
@@ -58,6 +68,8 @@ export abstract class BlockJob extends Job {
   #speed = 0;
   #limit: RateLimitLike;
   #ioStatus: BlockJobIoStatus = "ok";
+  #parent: ExternalParent | undefined;
+  #held: Edge[] = [];
 
   /**
    * Creates the block job (`created`) and applies the initial speed.
@@ -99,6 +111,64 @@ export abstract class BlockJob extends Job {
     this.onSetSpeed(speed);
     if (speed !== 0 && speed <= old) return;
     this.enter((j) => j.timerPending);
+  }
+
+  // ---------------------------------------------------------------- node holding
+
+  /** The job as a graph parent (`block-job` in `x-debug-query-block-graph`, `TYPE job 'ID'` in messages). */
+  get graphParent(): ExternalParent {
+    this.#parent ??= jobParent(this.type, this.id ?? "");
+    return this.#parent;
+  }
+
+  /** The edges through which the job holds nodes, oldest first. */
+  get heldEdges(): readonly Edge[] {
+    return this.#held;
+  }
+
+  /** The nodes the job holds. */
+  get heldNodes(): BlockNode[] {
+    return [...new Set(this.#held.filter((e) => e.attached).map((e) => e.child))];
+  }
+
+  /**
+   * Holds `node` (QEMU's `block_job_add_bdrv`): attaches a job edge named `name` (`main node`, `source`,
+   * `target`, …) with the permissions the job needs (`perm`, default none) and shares (`shared`, default
+   * all). While held, the node is busy for other operations ({@link checkNodeNotBusy}) and drains of it
+   * ({@link drainedSection}) pause the job. Edges stay at their node when the node is replaced.
+   * @throws {BlkError} EPERM with QEMU's permission-conflict message (nothing changes)
+   */
+  holdNode(node: BlockNode, name: string, opts: { perm?: number; shared?: number } = {}): Edge {
+    const edge = node.graph.attach(this.graphParent, node, {
+      name,
+      perm: opts.perm ?? 0,
+      shared: opts.shared ?? PERM_ALL,
+    });
+    this.#held.push(edge);
+    const set = holders.get(node) ?? new Set<BlockJob>();
+    holders.set(node, set);
+    set.add(this);
+    return edge;
+  }
+
+  /** Detaches every job edge (QEMU's `block_job_remove_all_bdrv`); idempotent. Called by `clean()`. */
+  releaseNodes(): void {
+    const edges = this.#held;
+    this.#held = [];
+    for (const edge of edges) {
+      holders.get(edge.child)?.delete(this);
+      edge.detach();
+    }
+  }
+
+  /** Releases the held nodes. Subclasses overriding `clean` call `super.clean()` last. */
+  protected override clean(): void | Promise<void> {
+    this.releaseNodes();
+  }
+
+  /** Nanoseconds the rate limit asks to wait before the next submission (0 = go), without accounting. */
+  ratelimitDelay(): number {
+    return this.#limit.calculateDelay(0, this.clock.now());
   }
 
   /** Called after the speed changed (backup forwards it to its copy engine). */
@@ -242,5 +312,50 @@ export abstract class BlockJob extends Job {
     if (msg !== undefined) info.error = msg;
     if (opts?.extensions === true) Object.assign(info, this.extensionInfo());
     return info;
+  }
+}
+
+const holders = new WeakMap<BlockNode, Set<BlockJob>>();
+
+/** The live block jobs holding `node` (through a job edge). */
+export function blockJobsHolding(node: BlockNode): BlockJob[] {
+  return [...(holders.get(node) ?? [])].filter((j) =>
+    j.heldEdges.some((e) => e.attached && e.child === node),
+  );
+}
+
+/**
+ * QEMU's op blocker of block jobs: refuses an operation on a node some block job holds.
+ * @throws {JobError} EBUSY `Node 'NAME' is busy: block device is in use by block job: TYPE`
+ */
+export function checkNodeNotBusy(node: BlockNode): void {
+  const job = blockJobsHolding(node)[0];
+  if (job !== undefined) {
+    throw new JobError(
+      "EBUSY",
+      `Node '${node.nodeName}' is busy: block device is in use by block job: ${job.type}`,
+    );
+  }
+}
+
+/**
+ * Runs `fn` in a drained section of `nodes` (QEMU's `bdrv_drained_begin/end`): every job holding one of
+ * them has its pause counter raised for the duration (it pauses at its next pause point, and
+ * `query-block-jobs` shows `paused: true`), and the nodes have no request in flight while `fn` runs.
+ * @example
+ * await drainedSection([src], () => graph.replaceNode(src, dst));
+ */
+export async function drainedSection<T>(nodes: readonly BlockNode[], fn: () => Promise<T> | T): Promise<T> {
+  const jobs = new Set<BlockJob>();
+  for (const n of nodes) for (const j of blockJobsHolding(n)) jobs.add(j);
+  for (const j of jobs) j.holdPause();
+  const drain = (i: number): Promise<T> => {
+    const node = nodes[i];
+    return node === undefined ? Promise.resolve(fn()) : node.drained(() => drain(i + 1));
+  };
+  try {
+    return await drain(0);
+  } finally {
+    for (const j of jobs) j.releasePause();
   }
 }

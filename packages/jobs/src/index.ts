@@ -1,8 +1,33 @@
 /** Block jobs for blk: QEMU's job state machine, mirror, backup, commit and stream. */
-export { BlockJob, type BlockJobOptions, type BlockJobType, type IgnoredError } from "./block-job.ts";
+export {
+  BlockJob,
+  type BlockJobOptions,
+  type BlockJobType,
+  blockJobsHolding,
+  checkNodeNotBusy,
+  drainedSection,
+  type IgnoredError,
+} from "./block-job.ts";
 export { errnoError, isJobError, JobError, type JobQmpClass, strerror, verbError } from "./errors.ts";
 export { isWellFormedId, Job, type JobOptions, JobTxn } from "./job.ts";
 export { type JobEventListener, JobManager, type JobManagerOptions } from "./manager.ts";
+export {
+  MIRROR_DEFAULT_BUF_SIZE,
+  MIRROR_MAX_IN_FLIGHT,
+  MIRROR_MAX_IO_BYTES,
+  type MirrorCopyMode,
+  MirrorJob,
+  type MirrorJobInit,
+  type MirrorOptions,
+  type MirrorSyncMode,
+  mirror,
+} from "./mirror/mirror.ts";
+export {
+  type MirrorGuestWrite,
+  type MirrorTopClient,
+  MirrorTopState,
+  mirrorTopDriver,
+} from "./mirror/mirror-top.ts";
 export { BLOCK_JOB_SLICE_NS, defaultRateLimit, type RateLimitLike } from "./ratelimit.ts";
 export {
   type BlockdevOnError,
