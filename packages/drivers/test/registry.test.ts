@@ -41,7 +41,15 @@ const QCOW2_HEADER = new Uint8Array([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3]);
 
 describe("driver registry", () => {
   it("has the built-in drivers and refuses duplicates", () => {
-    expect(driverRegistry.formats()).toEqual(["file", "raw", "null-co", "blkdebug", "throttle"]);
+    expect(driverRegistry.formats()).toEqual([
+      "file",
+      "raw",
+      "qcow2",
+      "nbd",
+      "null-co",
+      "blkdebug",
+      "throttle",
+    ]);
     expect(getDriver("raw")).toBe(rawDriver);
     expect(getDriver("nope")).toBeUndefined();
     const reg = new DriverRegistry([fileDriver]);
@@ -53,7 +61,9 @@ describe("driver registry", () => {
   it("probes qcow2 only when a qcow2 driver is registered, else raw", () => {
     const header = new Uint8Array(2048);
     header.set(QCOW2_HEADER);
-    expect(probeFormat(header)).toBe("raw");
+    // The default registry has the qcow2 driver; one without it falls back to raw.
+    expect(probeFormat(header)).toBe("qcow2");
+    expect(new DriverRegistry([fileDriver, rawDriver]).probe(header)).toBe("raw");
     const reg = new DriverRegistry([fileDriver, rawDriver, fakeQcow2]);
     expect(reg.probe(header)).toBe("qcow2");
     expect(reg.probe(new Uint8Array(2048))).toBe("raw");

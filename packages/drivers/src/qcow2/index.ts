@@ -183,6 +183,13 @@ export const qcow2Driver: BlockDriver<Qcow2Options> = {
       if (dataFile === undefined) throw new BlkError("EINVAL", "'data-file' is required for this image");
     }
     const backing = options.backing === null ? undefined : ctx.children.get("backing");
+    if (h.backingFile !== undefined && backing === undefined && options.backing !== null) {
+      // Reading through a missing backing file would silently return zeroes: refuse instead.
+      throw new BlkError(
+        "ENOTSUP",
+        `Image names backing file '${h.backingFile}' but no 'backing' child was given (open it with openQcow2, attach a 'backing' child, or pass backing: null)`,
+      );
+    }
     let view: { snapshot: Qcow2Snapshot; l1: Uint8Array } | undefined;
     const want = options["x-blk-snapshot"];
     if (want !== undefined) {
@@ -348,7 +355,11 @@ export async function openQcow2(filename: string, options: OpenQcow2Options = {}
       const dname = resolveBackingFilename(name, h.dataFile);
       children["data-file"] = await openFile(dname);
     }
-    const n = await graph.open(qcow2Driver, options.qcow2 ?? {}, { ...nodeOpts, owned: top, children });
+    const qopts: Qcow2Options =
+      children.backing === undefined && h.backingFile !== undefined
+        ? { ...options.qcow2, backing: null }
+        : (options.qcow2 ?? {});
+    const n = await graph.open(qcow2Driver, qopts, { ...nodeOpts, owned: top, children });
     opened.push(n);
     chain[self] = n;
     return n;

@@ -19,7 +19,9 @@ import {
 } from "@blk/core";
 import { blkdebugDriver } from "../blkdebug/index.ts";
 import { fileDriver } from "../file/index.ts";
+import { nbdDriver } from "../nbd/client/index.ts";
 import { nullDriver } from "../null/index.ts";
+import { openQcow2, qcow2Driver } from "../qcow2/index.ts";
 import { probedRawWarning, type RawState, rawChildRole, rawDriver } from "../raw/index.ts";
 import { throttleDriver } from "../throttle/index.ts";
 
@@ -94,10 +96,12 @@ export class DriverRegistry {
   }
 }
 
-/** The default registry: `file`, `raw`, `null-co`, `blkdebug`, `throttle` (qcow2/nbd register themselves). */
+/** The default registry: `file`, `raw`, `qcow2` (read-only), `nbd`, `null-co`, `blkdebug`, `throttle`. */
 export const driverRegistry: DriverRegistry = new DriverRegistry([
   fileDriver,
   rawDriver,
+  qcow2Driver,
+  nbdDriver,
   nullDriver,
   blkdebugDriver,
   throttleDriver,
@@ -301,6 +305,29 @@ export async function openImage(
         probed = true;
       }
       const driver = registry.require(format);
+      if (format === "qcow2" && driver === qcow2Driver && typeof filenameOrOptions === "string") {
+        // A qcow2 image names its backing files: open the whole chain, as qemu-img does, rather than a
+        // top layer whose unallocated clusters would wrongly read as zeroes.
+        for (const n of nodes.reverse()) await graph.delete(n, { force: true });
+        nodes.length = 0;
+        const img = await openQcow2(filenameOrOptions, {
+          graph,
+          forceShare: options.forceShare ?? false,
+          ...(options.locking === undefined ? {} : { locking: options.locking }),
+        });
+        const chainFile = img.node.children.get("file")?.child;
+        return {
+          graph,
+          node: img.node,
+          file: chainFile,
+          format,
+          probed,
+          root: img.root,
+          warnings,
+          close: () => img.close(),
+          [Symbol.asyncDispose]: () => img.close(),
+        };
+      }
       if (driver.kind === "protocol") {
         // `-f file`: the protocol node is the image.
         top = file;

@@ -1,0 +1,21 @@
+/** The NBD client: {@link NbdClient} (one connection), the `nbd` protocol driver, and NBD URIs. */
+export {
+  type NbdBlockStatusFlags,
+  NbdClient,
+  type NbdClientOptions,
+  type NbdFuaFlags,
+  type NbdReadFlags,
+  type NbdServerAddress,
+  type NbdStatusExtent,
+  type NbdZeroFlags,
+} from "./client.ts";
+export {
+  makeNbdDriver,
+  type NbdDriverConfig,
+  type NbdOptions,
+  NbdState,
+  nbdDriver,
+  nbdSchema,
+  registerNbd,
+} from "./driver.ts";
+export { formatNbdUri, type NbdUriOptions, parseNbdUri } from "./uri.ts";
