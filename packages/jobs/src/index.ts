@@ -1,4 +1,6 @@
 /** Block jobs for blk: QEMU's job state machine, mirror, backup, commit and stream. */
+
+export * from "./backup/index.ts";
 export {
   BlockJob,
   type BlockJobOptions,

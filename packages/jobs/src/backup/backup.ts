@@ -1,0 +1,474 @@
+/**
+ * The backup job (QMP `blockdev-backup`, QEMU 7.2 `block/backup.c` behaviour; `spec/jobs.md` §3,
+ * `spec/hbitmap.md` §7.5): a `copy-before-write` filter inserted above the source keeps the target a
+ * point-in-time copy of the source as of job creation while the job copies the clusters of its copy
+ * bitmap in the background (sync `full`: all; `top`: those allocated in the source node itself; `bitmap` /
+ * `incremental`: those dirty in a frozen dirty bitmap; `none`: only what the guest is about to overwrite,
+ * until cancelled). A sync bitmap is frozen with a successor and, at the end, abdicated or reclaimed as
+ * `bitmap-mode` says. Backup never becomes READY and every cancel is forced (`BLOCK_JOB_CANCELLED`).
+ */
+import {
+  BlkError,
+  type BlockGraph,
+  type BlockNode,
+  CHILD_ROLE,
+  type CopyError,
+  type DirtyBitmap,
+  type Edge,
+  jobParent,
+  PERM_ALL,
+  toBlkError,
+} from "@blk/core";
+import { BlockJob } from "../block-job.ts";
+import { errnoError } from "../errors.ts";
+import type { JobTxn } from "../job.ts";
+import type { JobManager } from "../manager.ts";
+import type { BlockdevOnError } from "../types.ts";
+import { type CopyBeforeWriteState, copyBeforeWriteDriver } from "./copy-before-write.ts";
+
+/** QEMU's `BackupSyncMode` as backup accepts it (`incremental` = `bitmap` with `on-success`). */
+export type BackupSyncMode = "top" | "full" | "none" | "incremental" | "bitmap";
+
+/** QEMU's `BitmapSyncMode`: what happens to the sync bitmap when the job ends. */
+export type BitmapSyncMode = "on-success" | "never" | "always";
+
+/** QEMU's unstable `BackupPerf` (`x-perf`). */
+export interface BackupPerf {
+  /** Accepted and ignored (blk has no copy offload). */
+  "use-copy-range"?: boolean;
+  /** Most background copy tasks in flight (default 64, in [1, 2147483647]). */
+  "max-workers"?: number;
+  /** Largest copy task in bytes; 0 (default) = no limit. Must not be below the cluster size. */
+  "max-chunk"?: number;
+}
+
+/** The arguments of QMP `blockdev-backup` (QEMU 7.2 names and defaults). */
+export interface BlockdevBackup {
+  /** Job id; omitted: the device's backend name, which nodes do not have (`Invalid job ID ''`). */
+  "job-id"?: string;
+  /** Node name of the source. */
+  device: string;
+  /** Node name of the target (same length as the source). */
+  target: string;
+  sync: BackupSyncMode;
+  /** Bytes per second for the background copy; 0 (default) = unlimited. */
+  speed?: number;
+  /** Name of a dirty bitmap of `device`: the input of `bitmap` sync, and/or the output per `bitmap-mode`. */
+  bitmap?: string;
+  "bitmap-mode"?: BitmapSyncMode;
+  /** Compressed target writes: refused (`ENOTSUP`), no blk target supports them yet. */
+  compress?: boolean;
+  /** Policy for background read errors (default `report`). */
+  "on-source-error"?: BlockdevOnError;
+  /** Policy for background write errors (default `report`). */
+  "on-target-error"?: BlockdevOnError;
+  /** Default true. */
+  "auto-finalize"?: boolean;
+  /** Default true. */
+  "auto-dismiss"?: boolean;
+  /** Node name of the `copy-before-write` filter (default: a generated `#blockNNN`). */
+  "filter-node-name"?: string;
+  "x-perf"?: BackupPerf;
+}
+
+/** {@link BlockdevBackup} plus what the library needs. */
+export interface BackupOptions extends BlockdevBackup {
+  /** The graph that holds `device` and `target`. */
+  graph: BlockGraph;
+  /** A transaction to join (grouped completion); default: a private one. */
+  txn?: JobTxn;
+  /** Receives warnings (a target without cluster size information). */
+  onWarning?: (message: string) => void;
+}
+
+/** What {@link BackupJob}'s constructor gets (built by {@link createBackupJob}). */
+export interface BackupJobInit {
+  manager: JobManager;
+  id: string;
+  source: BlockNode;
+  target: BlockNode;
+  filter: BlockNode;
+  sync: "full" | "top" | "none" | "bitmap";
+  syncBitmap: DirtyBitmap | undefined;
+  bitmapMode: BitmapSyncMode | undefined;
+  speed: number;
+  onSourceError: BlockdevOnError;
+  onTargetError: BlockdevOnError;
+  autoFinalize: boolean;
+  autoDismiss: boolean;
+  txn?: JobTxn;
+}
+
+const INT_MAX = 2147483647;
+
+const notFound = (name: string): BlkError =>
+  new BlkError("ENOENT", `Cannot find device='${name}' nor node-name='${name}'`);
+
+/**
+ * A running backup. Create it with {@link backup} (or {@link createBackupJob} + `start()` for
+ * transactions); follow it with `outcome`, the manager's events and `query-block-jobs`.
+ * @example
+ * const job = await backup(manager, { graph, "job-id": "bk0", device: "disk", target: "bk", sync: "full" });
+ * console.log(await job.outcome); // { status: "completed" }
+ */
+export class BackupJob extends BlockJob {
+  /** The source node (`device`). */
+  readonly source: BlockNode;
+  /** The target node. */
+  readonly target: BlockNode;
+  /** The `copy-before-write` node above the source (removed when the job ends). */
+  readonly filter: BlockNode;
+  /** The effective sync mode (`incremental` is reported as `bitmap`). */
+  readonly sync: "full" | "top" | "none" | "bitmap";
+  /** The frozen sync bitmap while the job runs (afterwards look it up by name). */
+  readonly syncBitmap: DirtyBitmap | undefined;
+  /** What happens to the sync bitmap at the end. */
+  readonly bitmapMode: BitmapSyncMode | undefined;
+  readonly onSourceError: BlockdevOnError;
+  readonly onTargetError: BlockdevOnError;
+  #cbw: CopyBeforeWriteState;
+  #edges: Edge[] = [];
+  #cleaned = false;
+
+  /**
+   * @internal Use {@link createBackupJob} or {@link backup}.
+   * @throws {JobError} as {@link BlockJob}
+   */
+  constructor(init: BackupJobInit) {
+    const cbw = init.filter.state as CopyBeforeWriteState;
+    super({
+      manager: init.manager,
+      id: init.id,
+      type: "backup",
+      speed: init.speed,
+      rateLimit: cbw.rateLimit,
+      autoFinalize: init.autoFinalize,
+      autoDismiss: init.autoDismiss,
+      ...(init.txn === undefined ? {} : { txn: init.txn }),
+    });
+    this.#cbw = cbw;
+    this.source = init.source;
+    this.target = init.target;
+    this.filter = init.filter;
+    this.sync = init.sync;
+    this.syncBitmap = init.syncBitmap;
+    this.bitmapMode = init.bitmapMode;
+    this.onSourceError = init.onSourceError;
+    this.onTargetError = init.onTargetError;
+    cbw.hooks.pausePoint = () => this.pausePoint();
+    cbw.hooks.onProgress = (p) => {
+      this.progressWorkDone(p.bytes - p.skipped);
+      this.progressSetRemaining(this.#remaining() - p.bytes);
+    };
+    this.progressSetRemaining(cbw.copyBitmap.count());
+  }
+
+  /** The backup cluster size (bytes per bit of the copy bitmap). */
+  get clusterSize(): number {
+    return this.#cbw.clusterSize;
+  }
+
+  /** The copy bitmap: clusters not copied yet. */
+  get copyBitmap(): DirtyBitmap {
+    return this.#cbw.copyBitmap;
+  }
+
+  /** @internal Attaches the job's edges (`main node` on the filter, `target`), as QEMU's block job does. */
+  _attachEdges(): void {
+    const parent = jobParent("backup", this.id ?? "");
+    const g = this.filter.graph;
+    this.#edges.push(g.attach(parent, this.filter, { name: "main node", perm: 0, shared: PERM_ALL }));
+    this.#edges.push(g.attach(parent, this.target, { name: "target", perm: 0, shared: PERM_ALL }));
+  }
+
+  #remaining(): number {
+    return this.#cbw.copyBitmap.count() + this.#cbw.engine.stats.bufferBytesInFlight;
+  }
+
+  protected async run(): Promise<void> {
+    if (this.sync === "top") {
+      try {
+        await this.#skipUnallocated();
+      } catch (e) {
+        const err = toBlkError(e);
+        throw errnoError(err.code, { cause: err });
+      }
+      if (this.isCancelled()) return;
+    }
+    if (this.sync === "none") {
+      // Nothing to copy in the background: the filter keeps the point in time until the job is cancelled.
+      while (!this.isCancelled()) await this.suspend();
+      return;
+    }
+    await this.#copyLoop();
+  }
+
+  /** sync=top: clear the clusters the source node itself does not allocate (pause points in between). */
+  async #skipUnallocated(): Promise<void> {
+    this.setPhase("scan");
+    const cbw = this.#cbw;
+    const bitmap = cbw.copyBitmap;
+    const cs = cbw.clusterSize;
+    const len = this.source.length;
+    const step = Math.max(cs, 16 << 20);
+    for (let off = 0; off < len; off += step) {
+      await this.pausePoint();
+      if (this.isCancelled()) return;
+      const exts = await cbw.child.blockStatus(off, Math.min(step, len - off));
+      for (const e of exts) {
+        if (e.allocated) continue;
+        const end = e.offset + e.length;
+        const a = Math.ceil(e.offset / cs) * cs;
+        const b = end >= len ? len : Math.floor(end / cs) * cs;
+        if (b > a) bitmap.resetDirty(a, b - a);
+      }
+    }
+    this.progressSetRemaining(this.#remaining());
+  }
+
+  async #copyLoop(): Promise<void> {
+    this.setPhase("copy");
+    const cbw = this.#cbw;
+    const { engine, copyBitmap } = cbw;
+    let failed: CopyError | undefined;
+    cbw.hooks.onError = (e) => {
+      failed ??= e;
+      return "fail";
+    };
+    for (;;) {
+      if (this.isCancelled()) return;
+      failed = undefined;
+      try {
+        await engine.run();
+      } catch (e) {
+        if (this.isCancelled()) return;
+        const err = toBlkError(e);
+        const f = failed as CopyError | undefined;
+        if (f === undefined) {
+          if (err.code === "ECANCELED") continue;
+          throw errnoError(err.code, { cause: err });
+        }
+        const policy = f.operation === "read" ? this.onSourceError : this.onTargetError;
+        const action = this.errorAction(policy, f.operation, err);
+        if (action === "report") throw errnoError(err.code, { cause: err });
+        // stop: park here until resumed (or cancelled), then a new pass; ignore: a new pass at once.
+        if (action === "stop") await this.pausePoint();
+        continue;
+      }
+      this.progressSetRemaining(this.#remaining());
+      if (this.isCancelled()) return;
+      if (copyBitmap.count() > 0) continue;
+      if (engine.stats.inFlight === 0) return;
+      // Copies before guest writes are still running: wait for them (one that failed set its bits again,
+      // and the next pass copies them).
+      try {
+        await engine.copyRange(0, this.source.length);
+      } catch {
+        // retried by the next pass, which applies the error policy
+      }
+    }
+  }
+
+  protected override onSetSpeed(_speed: number): void {
+    // Called from the BlockJob constructor too, before this class's fields exist.
+    if (#cbw in this) this.#cbw.engine.wake();
+  }
+
+  protected override onCancel(_force: boolean): boolean {
+    this.#cbw.engine.cancel();
+    return true;
+  }
+
+  protected override commit(): void {
+    this.#finishBitmap(true);
+  }
+
+  protected override abort(): void {
+    this.#finishBitmap(false);
+  }
+
+  protected override async clean(): Promise<void> {
+    await this._teardown();
+    await super.clean();
+  }
+
+  /** The three `bitmap-mode` outcomes (`spec/hbitmap.md` §7.5). */
+  #finishBitmap(ok: boolean): void {
+    const bm = this.syncBitmap;
+    if (bm === undefined || !bm.frozen) return;
+    const mode = this.bitmapMode;
+    const adopt = (ok || mode === "always") && mode !== "never";
+    const result = adopt ? bm.abdicate() : bm.reclaim();
+    // A failed job with `always`: the bitmap also keeps what was not copied.
+    if (!ok && mode === "always") result.mergeUnchecked(this.#cbw.copyBitmap);
+  }
+
+  /** @internal Detaches the job's edges and removes the filter (idempotent). */
+  async _teardown(): Promise<void> {
+    if (this.#cleaned) return;
+    this.#cleaned = true;
+    for (const e of this.#edges) e.detach();
+    this.#edges = [];
+    if (!this.filter.closed) await this.filter.graph.removeFilter(this.filter);
+  }
+}
+
+interface Plan {
+  sync: "full" | "top" | "none" | "bitmap";
+  bitmap: DirtyBitmap | undefined;
+  mode: BitmapSyncMode | undefined;
+}
+
+/** QEMU's `do_backup_common` checks of the sync / bitmap arguments, in QEMU's order. */
+function checkSyncArgs(args: BlockdevBackup, source: BlockNode): Plan {
+  let sync = args.sync;
+  let mode = args["bitmap-mode"];
+  if ((sync === "bitmap" || sync === "incremental") && args.bitmap === undefined) {
+    throw new BlkError("EINVAL", `must provide a valid bitmap name for '${sync}' sync mode`);
+  }
+  if (sync === "incremental") {
+    if (mode !== undefined && mode !== "on-success") {
+      throw new BlkError(
+        "EINVAL",
+        "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'",
+      );
+    }
+    sync = "bitmap";
+    mode = "on-success";
+  }
+  let bitmap: DirtyBitmap | undefined;
+  if (args.bitmap !== undefined) {
+    bitmap = source.getBitmap(args.bitmap);
+    if (bitmap === undefined) throw new BlkError("ENOENT", `Bitmap '${args.bitmap}' could not be found`);
+    if (mode === undefined)
+      throw new BlkError("EINVAL", "Bitmap sync mode must be given when providing a bitmap");
+    bitmap.check("allow-ro");
+    if (sync === "none") {
+      throw new BlkError("EINVAL", "sync mode 'none' does not produce meaningful bitmap outputs");
+    }
+    if (mode === "never" && sync !== "bitmap") {
+      throw new BlkError(
+        "EINVAL",
+        `Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '${sync}'`,
+      );
+    }
+  } else if (mode !== undefined) {
+    throw new BlkError("EINVAL", "Cannot specify bitmap sync mode without a bitmap");
+  }
+  return { sync, bitmap, mode };
+}
+
+/**
+ * Creates a backup job without starting it (QMP `blockdev-backup` up to the job's creation: a
+ * transaction starts its jobs together with `start()`). Checks the arguments with QEMU's messages,
+ * freezes the sync bitmap, inserts the `copy-before-write` filter above the source (all of the source's
+ * parents now use it) and creates the job (`created`). Any failure undoes all of it.
+ * @example
+ * const job = await createBackupJob(manager, { graph, "job-id": "bk0", device: "disk", target: "bk", sync: "full" });
+ * job.start();
+ * @throws {BlkError} ENOENT `Cannot find device='X' nor node-name='X'`, `Bitmap 'X' could not be found`;
+ *   EINVAL for bad sync / bitmap / x-perf combinations, `Source and target cannot be the same`,
+ *   `Source and target image have different sizes`, `Required max-chunk (A) is less than backup cluster
+ *   size (B)`; ENOTSUP `Compression is not supported for this drive ` (blk targets cannot compress yet);
+ *   EBUSY / EPERM from the bitmap checks; {@link JobError} for a bad job id or speed
+ */
+export async function createBackupJob(manager: JobManager, options: BackupOptions): Promise<BackupJob> {
+  const { graph } = options;
+  const source = graph.find(options.device);
+  if (source === undefined) throw notFound(options.device);
+  const target = graph.find(options.target);
+  if (target === undefined) throw notFound(options.target);
+  const perf = options["x-perf"] ?? {};
+  const plan = checkSyncArgs(options, source);
+  if (source === target) throw new BlkError("EINVAL", "Source and target cannot be the same");
+  if (options.compress === true) {
+    // QEMU names the target's BlockBackend here; nodes added with blockdev-add have none.
+    throw new BlkError("ENOTSUP", "Compression is not supported for this drive ");
+  }
+  const maxWorkers = perf["max-workers"] ?? 64;
+  if (!Number.isSafeInteger(maxWorkers) || maxWorkers < 1 || maxWorkers > INT_MAX) {
+    throw new BlkError("EINVAL", `max-workers must be between 1 and ${INT_MAX}`);
+  }
+  const maxChunk = perf["max-chunk"] ?? 0;
+  if (!(maxChunk >= 0)) {
+    throw new BlkError("EINVAL", "max-chunk must be zero (which means no limit) or positive");
+  }
+  const { bitmap, mode } = plan;
+  return source.drained(async () => {
+    if (bitmap !== undefined && mode !== "never") bitmap.check("default");
+    bitmap?.createSuccessor();
+    try {
+      if (source.length !== target.length) {
+        throw new BlkError("EINVAL", "Source and target image have different sizes");
+      }
+      const filterName = options["filter-node-name"];
+      const filter = await graph.openFilterAbove(
+        copyBeforeWriteDriver,
+        {
+          ...(bitmap !== undefined && plan.sync === "bitmap" ? { bitmap } : {}),
+          skipUnallocated: plan.sync === "top",
+          maxWorkers,
+          maxChunk,
+          clock: manager.clock,
+          ...(options.onWarning === undefined ? {} : { onWarning: options.onWarning }),
+        },
+        source,
+        {
+          ...(filterName === undefined ? {} : { nodeName: filterName }),
+          extraChildren: { target: { node: target, role: CHILD_ROLE.DATA } },
+        },
+      );
+      try {
+        const cluster = (filter.state as CopyBeforeWriteState).clusterSize;
+        if (maxChunk > 0 && maxChunk < cluster) {
+          throw new BlkError(
+            "EINVAL",
+            `Required max-chunk (${maxChunk}) is less than backup cluster size (${cluster})`,
+          );
+        }
+        const job = new BackupJob({
+          manager,
+          id: options["job-id"] ?? "",
+          source,
+          target,
+          filter,
+          sync: plan.sync,
+          syncBitmap: bitmap,
+          bitmapMode: mode,
+          speed: options.speed ?? 0,
+          onSourceError: options["on-source-error"] ?? "report",
+          onTargetError: options["on-target-error"] ?? "report",
+          autoFinalize: options["auto-finalize"] ?? true,
+          autoDismiss: options["auto-dismiss"] ?? true,
+          ...(options.txn === undefined ? {} : { txn: options.txn }),
+        });
+        job._attachEdges();
+        return job;
+      } catch (e) {
+        if (!filter.closed) await graph.removeFilter(filter);
+        throw e;
+      }
+    } catch (e) {
+      if (bitmap?.frozen === true) bitmap.reclaim();
+      throw e;
+    }
+  });
+}
+
+/**
+ * QMP `blockdev-backup`: creates the job and starts it, showing QEMU's transient `paused` → `running`
+ * after `running` (the command's drained section ends after the start). Events: `created`, `running`,
+ * `paused`, `running`; then `waiting`, `pending`, `BLOCK_JOB_COMPLETED`, `concluded`, `null` on success,
+ * or `aborting`, `BLOCK_JOB_CANCELLED`, `concluded`, `null` when cancelled.
+ * @example
+ * const job = await backup(manager, { graph, "job-id": "bk0", device: "disk", target: "bk", sync: "full" });
+ * await job.outcome;
+ * @throws {BlkError} as {@link createBackupJob}
+ */
+export async function backup(manager: JobManager, options: BackupOptions): Promise<BackupJob> {
+  const job = await createBackupJob(manager, options);
+  job.holdPause();
+  job.start();
+  job.releasePause();
+  return job;
+}
