@@ -24,6 +24,7 @@ import {
 } from "@blk/qmp";
 import type { ThrottleGroup } from "@blk/throttle";
 import { bitmapCommands } from "./commands/bitmaps.ts";
+import { blockJobCommands } from "./commands/block-jobs.ts";
 import { controlCommands } from "./commands/control.ts";
 import { exportCommands, exportDel, nbdServerStop } from "./commands/exports.ts";
 import { jobCommands } from "./commands/jobs.ts";
@@ -93,6 +94,7 @@ export class Daemon implements DaemonState, AsyncDisposable {
       ...bitmapCommands(this),
       ...objectCommands(this),
       ...jobCommands(this),
+      ...blockJobCommands(this),
       ...exportCommands(this),
       ...controlCommands(this.registry),
     ])

@@ -1,0 +1,91 @@
+/**
+ * Commands that start block jobs: `blockdev-mirror` and `blockdev-backup` (spec/qmp.md §3.3 argument
+ * tables, 7.2 defaults). The job drivers live in `@blk/jobs`; these handlers only validate the arguments
+ * with QEMU's wording and hand them over. Job events reach QMP through the daemon's JobManager listener,
+ * and the handlers return after the job is running, as QEMU does.
+ */
+import { backup, mirror } from "@blk/jobs";
+import { type CommandDefinition, defineCommand, q } from "@blk/qmp";
+import type { DaemonState } from "../context.ts";
+import { qmpErrors } from "../errors.ts";
+
+const SyncMode = q.enum(["top", "full", "none", "incremental", "bitmap"], { name: "MirrorSyncMode" });
+const OnError = q.enum(["report", "ignore", "enospc", "stop", "auto"], { name: "BlockdevOnError" });
+const CopyMode = q.enum(["background", "write-blocking"], { name: "MirrorCopyMode" });
+const BitmapMode = q.enum(["on-success", "never", "always"], { name: "BitmapSyncMode" });
+
+const BlockdevMirror = q.object(
+  {
+    "job-id": q.optional(q.str()),
+    device: q.str(),
+    target: q.str(),
+    replaces: q.optional(q.str()),
+    sync: SyncMode,
+    speed: q.optional(q.int()),
+    granularity: q.optional(q.uint32()),
+    "buf-size": q.optional(q.int()),
+    "on-source-error": q.optional(OnError),
+    "on-target-error": q.optional(OnError),
+    "filter-node-name": q.optional(q.str()),
+    "copy-mode": q.optional(CopyMode),
+    "auto-finalize": q.optional(q.bool()),
+    "auto-dismiss": q.optional(q.bool()),
+  },
+  { name: "blockdev-mirror-arg" },
+);
+
+const BackupPerf = q.object(
+  {
+    "use-copy-range": q.optional(q.bool()),
+    "max-workers": q.optional(q.int()),
+    "max-chunk": q.optional(q.int64()),
+  },
+  { name: "BackupPerf" },
+);
+
+const BlockdevBackup = q.object(
+  {
+    "job-id": q.optional(q.str()),
+    device: q.str(),
+    target: q.str(),
+    sync: SyncMode,
+    speed: q.optional(q.int()),
+    bitmap: q.optional(q.str()),
+    "bitmap-mode": q.optional(BitmapMode),
+    compress: q.optional(q.bool()),
+    "on-source-error": q.optional(OnError),
+    "on-target-error": q.optional(OnError),
+    "auto-finalize": q.optional(q.bool()),
+    "auto-dismiss": q.optional(q.bool()),
+    "filter-node-name": q.optional(q.str()),
+    "x-perf": q.optional(BackupPerf),
+  },
+  { name: "BlockdevBackup" },
+);
+
+/** Drops members the client did not send, so the job drivers apply QEMU's defaults themselves. */
+function given<T extends object>(args: T): T {
+  return Object.fromEntries(Object.entries(args).filter(([, v]) => v !== undefined)) as T;
+}
+
+/** `blockdev-mirror` and `blockdev-backup`. */
+export function blockJobCommands(state: DaemonState): CommandDefinition<never, unknown>[] {
+  return [
+    defineCommand({
+      name: "blockdev-mirror",
+      args: BlockdevMirror,
+      handler: async (args) => {
+        await qmpErrors(() => mirror(state.jobs, state.graph, given(args)));
+        return {};
+      },
+    }),
+    defineCommand({
+      name: "blockdev-backup",
+      args: BlockdevBackup,
+      handler: async (args) => {
+        await qmpErrors(() => backup(state.jobs, { graph: state.graph, ...given(args) }));
+        return {};
+      },
+    }),
+  ] as unknown as CommandDefinition<never, unknown>[];
+}
