@@ -82,7 +82,8 @@ function pattern(seed, len) {
 async function main() {
   for (const name of ["blkd", "blk-img"]) {
     const dist = join(root, "apps", name === "blkd" ? "daemon" : "cli", "dist", "main.js");
-    if (!existsSync(dist)) throw new Error(`${name} is not built (${dist} missing): run the README's demo command`);
+    if (!existsSync(dist))
+      throw new Error(`${name} is not built (${dist} missing): run the README's demo command`);
   }
   const src = join(dir, "src.img");
   const dst = join(dir, "dst.img");
@@ -117,7 +118,9 @@ async function main() {
     "chardev=mon0",
   ];
   say(`  blkd ${daemonArgs.join(" ")}`);
-  const daemon = spawn(process.execPath, [bin("blkd"), ...daemonArgs], { stdio: ["ignore", "ignore", "pipe"] });
+  const daemon = spawn(process.execPath, [bin("blkd"), ...daemonArgs], {
+    stdio: ["ignore", "ignore", "pipe"],
+  });
   children.add(daemon);
   let daemonLog = "";
   daemon.stderr.on("data", (d) => (daemonLog += d));
@@ -131,7 +134,9 @@ async function main() {
   ]);
   const qmp = await QmpClient.connect({ path: qmpSock });
   const version = await qmp.execute("query-version");
-  say(`  QMP ready: qemu ${version.qemu.major}.${version.qemu.minor}.${version.qemu.micro} compatible, ${version.package}`);
+  say(
+    `  QMP ready: qemu ${version.qemu.major}.${version.qemu.minor}.${version.qemu.micro} compatible, ${version.package}`,
+  );
 
   step(3, `guest: an NBD client fills ${fmtMiB(preload)}, then keeps writing random 64 KiB blocks`);
   const guest = await NbdClient.connect({ server: { type: "unix", path: nbdSock }, export: "disk" });
@@ -198,7 +203,9 @@ async function main() {
     if (tty) process.stdout.write("\n");
   };
   await Promise.all([ready, progress()]);
-  say(`  BLOCK_JOB_READY after ${((readyAt - mirrorStart) / 1000).toFixed(2)} s: the target is in sync and stays in sync`);
+  say(
+    `  BLOCK_JOB_READY after ${((readyAt - mirrorStart) / 1000).toFixed(2)} s: the target is in sync and stays in sync`,
+  );
 
   step(5, "the guest stops; block-job-complete switches the export to the target");
   guestRunning = false;
@@ -223,9 +230,15 @@ async function main() {
 
   const used = (f) => statSync(f).blocks * 512;
   say("\nSummary");
-  say(`  guest wrote ${guestOps} blocks (${fmtMiB(guestBytes)}) while the mirror ran`);
-  say(`  mirror: ${fmtMiB(done.data.len)} in ${mirrorSecs.toFixed(2)} s = ${(done.data.len / MiB / mirrorSecs).toFixed(1)} MiB/s`);
-  say(`  target allocated ${fmtMiB(used(dst))} on disk for ${fmtMiB(size)} of virtual size (zeroes stay sparse)`);
+  say(
+    `  the guest wrote ${guestOps} random blocks (${fmtMiB(guestBytes)}) through NBD while the mirror was set up and ran`,
+  );
+  say(
+    `  mirror: ${fmtMiB(done.data.len)} in ${mirrorSecs.toFixed(2)} s = ${(done.data.len / MiB / mirrorSecs).toFixed(1)} MiB/s`,
+  );
+  say(
+    `  on disk: source ${fmtMiB(used(src))}, target ${fmtMiB(used(dst))} allocated for ${fmtMiB(size)} virtual`,
+  );
   say(`  whole demo ${((performance.now() - t0) / 1000).toFixed(2)} s; no process left behind`);
 }
 
