@@ -1,8 +1,10 @@
 /**
- * The `qcow2` format driver (read path): opens qcow2 v2 and v3 images as QEMU 7.2 writes them, with
- * backing chains, compressed clusters (deflate and zstd), extended L2 entries, internal snapshots and
- * persistent bitmaps parsed, block status for `qemu-img map`, QEMU's `info` data and a `check` without
- * repair. Writes are refused with `EROFS` (the write path is a later issue).
+ * The `qcow2` format driver: opens qcow2 v2 and v3 images as QEMU 7.2 writes them, with backing chains,
+ * compressed clusters (deflate and zstd), extended L2 entries, internal snapshots and persistent bitmaps
+ * parsed, block status for `qemu-img map`, QEMU's `info` data and a `check` without repair. Creates
+ * images with qemu-img's layout ({@link createQcow2}). Opened read-write, it writes with QEMU's
+ * crash-safe ordering (allocating writes, zero clusters, discard, lazy refcounts); images with extended
+ * L2 entries, an external data file, internal snapshots or bitmaps stay read-only (ENOTSUP on write).
  *
  * Children: `file` (required) holds the image; `backing` (optional) is the backing node — the driver
  * does not open it itself, because the graph attaches children before `open`. {@link openQcow2} opens a
@@ -26,10 +28,12 @@ import {
 import { fileDriver } from "../file/index.ts";
 import { rawChildRole, rawDriver } from "../raw/index.ts";
 import { expectInt, expectObject, expectString, rejectUnexpected } from "../registry/options.ts";
+import { type CreateQcow2Options, createQcow2, type Qcow2CreateQapi, qcow2CreateOptions } from "./create.ts";
 import {
   HEADER_PROBE_BYTES,
   INCOMPAT_CORRUPT,
   INCOMPAT_DATA_FILE,
+  INCOMPAT_DIRTY,
   INCOMPAT_EXTL2,
   MAX_L1_BYTES,
   parseBitmapDirectory,
@@ -44,6 +48,7 @@ import {
 import { Qcow2State } from "./state.ts";
 
 export { inflateCluster, zstdCluster } from "./compress.ts";
+export { type CreateQcow2Options, createQcow2, type Qcow2CreateQapi, qcow2CreateOptions } from "./create.ts";
 export {
   BME_FLAG_AUTO,
   BME_FLAG_IN_USE,
@@ -57,11 +62,11 @@ export {
 } from "./format.ts";
 export { type Qcow2CheckResult, type Qcow2Run, Qcow2State, SC, type SubclusterType } from "./state.ts";
 
-/** `BlockdevOptionsQcow2` members the read path uses (children are graph edges, not options). */
+/** `BlockdevOptionsQcow2` members the driver uses (children are graph edges, not options). */
 export interface Qcow2Options {
   /** L2 cache size in bytes (default: enough to cover the image, at most 32 MiB). */
   "l2-cache-size"?: number;
-  /** Total metadata cache size in bytes; the L2 cache takes all of it in the read path. */
+  /** Total metadata cache size in bytes; the L2 cache takes all of it (metadata is written through, uncached). */
   "cache-size"?: number;
   /** `null`: do not use a backing file even if the image names one (reads of unallocated areas give zeroes). */
   backing?: null;
@@ -152,7 +157,9 @@ export function l2CacheEntries(h: Qcow2Header, budget: number = DEFAULT_L2_CACHE
  * const file = await graph.open(fileDriver, { filename: "disk.qcow2" }, { readOnly: true, owned: false });
  * const node = await graph.open(qcow2Driver, {}, { readOnly: true, children: { file } });
  */
-export const qcow2Driver: BlockDriver<Qcow2Options> = {
+export const qcow2Driver: BlockDriver<Qcow2Options> & {
+  create(options: CreateQcow2Options | Qcow2CreateQapi): Promise<void>;
+} = {
   format: "qcow2",
   kind: "format",
   schema: qcow2Schema,
@@ -160,12 +167,23 @@ export const qcow2Driver: BlockDriver<Qcow2Options> = {
   probe(header: Uint8Array): number {
     return probeQcow2(header);
   },
+  /** Creates an empty image with qemu-img's layout ({@link createQcow2}; options: {@link qcow2CreateOptions}). */
+  async create(options: CreateQcow2Options | Qcow2CreateQapi): Promise<void> {
+    await createQcow2(qcow2CreateOptions(options));
+  },
   async open(options: Qcow2Options, ctx: OpenContext): Promise<Qcow2State> {
     const file = ctx.children.get("file");
     if (file === undefined) throw new BlkError("EINVAL", 'A block device must be specified for "file"');
     const h = await readQcow2Header(file);
     if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0 && !ctx.readOnly) {
       throw new BlkError("EACCES", "qcow2: Image is corrupt; cannot be opened read/write");
+    }
+    if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0 && !ctx.readOnly) {
+      // QEMU repairs a dirty image on a read-write open; blk has no repair yet.
+      throw new BlkError(
+        "ENOTSUP",
+        "qcow2: the image was not closed cleanly (dirty bit set) and blk cannot repair it yet; run 'qemu-img check -r all' first",
+      );
     }
     const cs = 2 ** h.clusterBits;
     const l1 = await readEdge(file, h.l1TableOffset, h.l1Size * 8);
@@ -259,6 +277,10 @@ export interface OpenQcow2Options {
   openBacking?: OpenBackingHook;
   /** Longest chain accepted (default 64): deeper chains fail with EINVAL. */
   maxDepth?: number;
+  /** Open the top image read-write (default false); backing files stay read-only. */
+  writable?: boolean;
+  /** The top node's `discard` option (default `ignore`: discard requests do nothing, as in QEMU). */
+  discard?: "ignore" | "unmap";
 }
 
 /** What {@link openQcow2} returns. */
@@ -268,7 +290,7 @@ export interface OpenedQcow2 extends AsyncDisposable {
   readonly node: BlockNode;
   /** The top node's driver state (parsed metadata: header, snapshots, bitmaps). */
   readonly state: Qcow2State;
-  /** The user edge (consistent-read) on the top node: read through it. */
+  /** The user edge on the top node (consistent-read, plus write when `writable`). */
   readonly root: Edge;
   /** Format nodes of the chain, top first. */
   readonly chain: readonly BlockNode[];
@@ -277,9 +299,10 @@ export interface OpenedQcow2 extends AsyncDisposable {
 }
 
 /**
- * Opens a qcow2 image read-only with its backing chain, as `qemu-img` does: each backing file is
- * resolved against its overlay's directory ({@link resolveBackingFilename}) and opened with the stored
- * `backing_fmt` (probed when absent); a chain that comes back to a file already in it is refused.
+ * Opens a qcow2 image with its backing chain (read-only unless `writable`; backing files always
+ * read-only), as `qemu-img` does: each backing file is resolved against its overlay's directory
+ * ({@link resolveBackingFilename}) and opened with the stored `backing_fmt` (probed when absent); a chain
+ * that comes back to a file already in it is refused.
  * @throws {BlkError} ENOENT for a missing file (`Could not open 'F': No such file or directory`), EINVAL
  *   for a loop (qemu-img's `Backing file 'F' creates an infinite loop.`) or a bad header (QEMU's messages), ENOTSUP for
  *   unsupported features
@@ -294,11 +317,12 @@ export async function openQcow2(filename: string, options: OpenQcow2Options = {}
   const maxDepth = options.maxDepth ?? 64;
   const nodeOpts = { readOnly: true, forceShare: options.forceShare ?? false };
 
-  const openFile = async (name: string): Promise<BlockNode> => {
+  const writable = options.writable ?? false;
+  const openFile = async (name: string, top = false): Promise<BlockNode> => {
     const n = await graph.open(
       fileDriver,
       { filename: name, ...(options.locking === undefined ? {} : { locking: options.locking }) },
-      { ...nodeOpts, owned: false },
+      { ...nodeOpts, readOnly: !(top && writable), owned: false },
     );
     opened.push(n);
     return n;
@@ -322,7 +346,7 @@ export async function openQcow2(filename: string, options: OpenQcow2Options = {}
       const n = await options.openBacking(name, format, graph);
       return n;
     }
-    const file = await openFile(name);
+    const file = await openFile(name, top);
     let fmt = format;
     if (fmt === undefined) {
       const head = await file.read(0, Math.min(512, file.length));
@@ -359,7 +383,13 @@ export async function openQcow2(filename: string, options: OpenQcow2Options = {}
       children.backing === undefined && h.backingFile !== undefined
         ? { ...options.qcow2, backing: null }
         : (options.qcow2 ?? {});
-    const n = await graph.open(qcow2Driver, qopts, { ...nodeOpts, owned: top, children });
+    const n = await graph.open(qcow2Driver, qopts, {
+      ...nodeOpts,
+      ...(top && options.discard !== undefined ? { discard: options.discard } : {}),
+      readOnly: !(top && writable),
+      owned: top,
+      children,
+    });
     opened.push(n);
     chain[self] = n;
     return n;
@@ -369,7 +399,7 @@ export async function openQcow2(filename: string, options: OpenQcow2Options = {}
     const node = await openLayer(filename, "qcow2", [], true);
     const root = graph.attach(backendParent(), node, {
       name: "root",
-      perm: PERM.CONSISTENT_READ,
+      perm: writable ? PERM.CONSISTENT_READ | PERM.WRITE : PERM.CONSISTENT_READ,
       shared: PERM_ALL,
     });
     let closing: Promise<void> | undefined;

@@ -1,9 +1,11 @@
 /**
  * The open state of a qcow2 node: L1/L2 lookups through an LRU L2 cache, every cluster type (normal, zero
  * with and without allocation, unallocated, compressed, extended L2 subclusters), backing-file reads and
- * block status. Read-only: writes fail with EROFS.
+ * block status. Opened read-write, it also writes (write path: see the "write path" section below):
+ * allocating writes with QEMU's crash-safe ordering, zero clusters, discard.
  *
- * Reference: /work/shared/spec/qcow2.md §6 (cluster mapping), §7 (compressed clusters).
+ * Reference: /work/shared/spec/qcow2.md §6 (cluster mapping), §7 (compressed clusters), §8 (refcounts),
+ * §9 (crash-safe ordering), §10 (dirty bit, lazy refcounts).
  */
 import { stat } from "node:fs/promises";
 import {
@@ -13,9 +15,12 @@ import {
   type BlockStatusExtent,
   type CheckResult,
   type Edge,
+  type WriteFlags,
+  type ZeroFlags,
 } from "@blk/core";
 import { runCheck } from "./check.ts";
 import { inflateCluster, zstdCluster } from "./compress.ts";
+import { setRefcount } from "./create.ts";
 import {
   AUTOCLEAR_DATA_FILE_RAW,
   BME_FLAG_AUTO,
@@ -41,6 +46,16 @@ const OFFSET_MASK_HI = 0x00ffffff;
 const OFFSET_MASK_LO = 0xfffffe00;
 /** L2 bit 0: reads as zeroes (v3, not with extended L2). */
 const L2E_ZERO_LO = 0x1;
+/** L1 bit 63 (high half bit 31): COPIED (refcount exactly 1). */
+const L1E_COPIED_HI = 0x80000000;
+/** Offset of `incompatible_features` in the header. */
+const HEADER_INCOMPAT_AT = 72;
+/** Most clusters one allocating write request allocates at once (bounds one refcount flush's work). */
+const MAX_BATCH_CLUSTERS = 1024;
+/** Offset of `autoclear_features` in the header. */
+const HEADER_AUTOCLEAR_AT = 88;
+/** Autoclear bit 0: the bitmaps extension is consistent. */
+const AUTOCLEAR_BITMAPS = 0x1;
 
 /** Kinds of a (sub)cluster, QEMU's `QCow2SubclusterType`. */
 export const SC = {
@@ -69,6 +84,11 @@ export interface Qcow2Run {
 
 const hex = (n: number): string => `0x${n.toString(16)}`;
 
+const compressedUnsupported = (offset: number): BlkError =>
+  new BlkError("ENOTSUP", "qcow2: overwriting compressed clusters is not supported in this version of blk", {
+    offset,
+  });
+
 /** Everything the state needs, produced by the driver's `open`. */
 export interface Qcow2StateInit {
   header: Qcow2Header;
@@ -88,8 +108,8 @@ export interface Qcow2StateInit {
 }
 
 /**
- * An open qcow2 image (read path). Reached through a {@link BlockNode}; public for tools (`info`,
- * `check`, `map`) that need the parsed metadata.
+ * An open qcow2 image (reads; writes when opened read-write). Reached through a {@link BlockNode};
+ * public for tools (`info`, `check`, `map`) that need the parsed metadata.
  */
 export class Qcow2State extends BlockDriverBase {
   /** The parsed header and extensions. */
@@ -124,6 +144,21 @@ export class Qcow2State extends BlockDriverBase {
   readonly #cache = new Map<number, Promise<DataView>>();
   #lastCompressed: { hi: number; lo: number; data: Uint8Array } | undefined;
   #preallocChecked: Promise<boolean> | undefined;
+  readonly #readOnly: boolean;
+  /** Refcount blocks read or written so far, by reftable index (write path; kept in sync with the file). */
+  readonly #refblocks = new Map<number, Uint8Array>();
+  readonly #refBits: number;
+  readonly #perRefblock: number;
+  /** Lowest cluster index that may be free (QEMU's first-fit hint). */
+  #freeHint = 0;
+  /** Tail of the metadata lock: allocation, L1/L2 and refcount updates are serialised on it. */
+  #lockTail: Promise<void> = Promise.resolve();
+  /** This state set the dirty bit (lazy refcounts) and must clear it on clean close. */
+  #markedDirty = false;
+  /** In-place data writes in flight: a discard waits for those started before it frees a cluster. */
+  readonly #inPlace = new Set<Promise<void>>();
+  /** The first modifying request's header update (unknown autoclear bits cleared), once. */
+  #prepared: Promise<void> | undefined;
 
   /** @internal Use the qcow2 driver's `open`. */
   constructor(init: Qcow2StateInit) {
@@ -154,6 +189,9 @@ export class Qcow2State extends BlockDriverBase {
     this.#scSize = this.#extL2 ? this.clusterSize / 32 : this.clusterSize;
     this.#csizeShift = 62 - (h.clusterBits - 8);
     this.l2CacheEntries = init.l2CacheEntries;
+    this.#readOnly = init.readOnly;
+    this.#refBits = 2 ** h.refcountOrder;
+    this.#perRefblock = (this.clusterSize * 8) / this.#refBits;
   }
 
   /** Virtual size in bytes. */
@@ -422,19 +460,477 @@ export class Qcow2State extends BlockDriverBase {
     if (n < part.length) part.fill(0, n);
   }
 
-  protected override async _write(offset: number): Promise<void> {
-    throw new BlkError("EROFS", "qcow2 images are read-only in this version of blk", { offset });
+  // ---- write path --------------------------------------------------------------------------------
+  //
+  // Metadata is written through (no write-back cache): every ordering rule of qcow2.md §9 becomes an
+  // explicit write followed by a flush of the file. Allocation, L1/L2 entry and refcount updates run
+  // one at a time under #locked, and the mapping is looked up again under the lock, so two requests
+  // touching the same unallocated cluster never allocate it twice (the second one writes in place).
+
+  /** Runs `fn` with the metadata lock held. */
+  async #locked<T>(fn: () => Promise<T>): Promise<T> {
+    const prev = this.#lockTail;
+    let release: () => void = () => {};
+    this.#lockTail = new Promise<void>((r) => {
+      release = r;
+    });
+    await prev;
+    try {
+      return await fn();
+    } finally {
+      release();
+    }
   }
 
-  protected override async _writeZeroes(offset: number): Promise<void> {
-    throw new BlkError("EROFS", "qcow2 images are read-only in this version of blk", { offset });
+  /**
+   * Refuses writes this version cannot do safely.
+   * @throws {BlkError} EROFS read-only or snapshot view; ENOTSUP for extended L2, external data files,
+   *   internal snapshots and persistent bitmaps
+   */
+  #checkWritable(offset: number): void {
+    if (this.#readOnly || this.snapshot !== undefined) {
+      throw new BlkError("EROFS", "qcow2: the image is open read-only", { offset });
+    }
+    const no = (what: string): BlkError =>
+      new BlkError(
+        "ENOTSUP",
+        `qcow2: writing to images with ${what} is not supported in this version of blk`,
+        {
+          offset,
+        },
+      );
+    if (this.#extL2) throw no("extended L2 entries");
+    if (this.#hasDataFile) throw no("an external data file");
+    if (this.snapshots.length > 0) throw no("internal snapshots");
+    if (this.header.bitmaps !== undefined || this.header.bitmapsInconsistent) throw no("persistent bitmaps");
   }
 
-  protected override async _discard(offset: number): Promise<void> {
-    throw new BlkError("EROFS", "qcow2 images are read-only in this version of blk", { offset });
+  /**
+   * Before the first change: clears autoclear bits blk does not know (qcow2.md §3.3: a writer must), with
+   * a write + flush of the 8-byte field.
+   */
+  #prepare(): Promise<void> {
+    this.#prepared ??= (async () => {
+      const h = this.header;
+      const known = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW;
+      if ((h.autoclearFeatures & ~known) === 0) return;
+      h.autoclearFeatures = (h.autoclearFeatures & known) >>> 0;
+      const b = new Uint8Array(8);
+      new DataView(b.buffer).setUint32(4, h.autoclearFeatures);
+      await this.#fileWrite(HEADER_AUTOCLEAR_AT, b);
+      await this.#fileFlush();
+    })();
+    return this.#prepared;
   }
 
-  protected override async _flush(): Promise<void> {}
+  async #fileWrite(offset: number, data: Uint8Array): Promise<void> {
+    await this.#file.write(offset, data);
+  }
+
+  async #fileFlush(): Promise<void> {
+    await this.#file.flush();
+  }
+
+  /** Writes `incompatible_features` (8 bytes at 72) with a flush. */
+  async #writeIncompat(): Promise<void> {
+    const b = new Uint8Array(8);
+    const v = new DataView(b.buffer);
+    v.setUint32(0, this.header.incompatibleHigh);
+    v.setUint32(4, this.header.incompatibleFeatures);
+    await this.#fileWrite(HEADER_INCOMPAT_AT, b);
+    await this.#fileFlush();
+  }
+
+  /** Lazy refcounts: sets the dirty bit (write + flush) before the first allocating change. */
+  async #markDirty(): Promise<void> {
+    if ((this.header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) === 0 || this.dirty) return;
+    this.header.incompatibleFeatures = (this.header.incompatibleFeatures | INCOMPAT_DIRTY) >>> 0;
+    await this.#writeIncompat();
+    this.#markedDirty = true;
+  }
+
+  /** Refcount block `index` of the reftable, or undefined when the entry is 0 (all refcounts 0). */
+  async #refblock(index: number): Promise<Uint8Array | undefined> {
+    const hit = this.#refblocks.get(index);
+    if (hit !== undefined) return hit;
+    const rt = new DataView(this.#reftable.buffer, this.#reftable.byteOffset, this.#reftable.length);
+    const hi = rt.getUint32(index * 8);
+    const lo = rt.getUint32(index * 8 + 4) & OFFSET_MASK_LO;
+    const off = hi * 2 ** 32 + (lo >>> 0);
+    if (off === 0) return undefined;
+    if (hi > 0x1fffff || off % this.clusterSize !== 0) {
+      throw new BlkError(
+        "EIO",
+        `qcow2: Image is corrupt: refblock offset ${hex(off)} unaligned (reftable index: ${hex(index)})`,
+      );
+    }
+    const block = await this.readFile(off, this.clusterSize);
+    this.#refblocks.set(index, block);
+    return block;
+  }
+
+  #refcountIn(block: Uint8Array, i: number): number {
+    const bits = this.#refBits;
+    if (bits < 8) return ((block[(i * bits) >>> 3] ?? 0) >>> ((i * bits) & 7)) & ((1 << bits) - 1);
+    const bytes = bits / 8;
+    let n = 0;
+    for (let k = 0; k < bytes; k++) n = n * 256 + (block[i * bytes + k] ?? 0);
+    return n;
+  }
+
+  /** Writes the bytes of refcount entry `i` of block `index` (already changed in memory) to the file. */
+  async #writeRefEntry(index: number, block: Uint8Array, i: number): Promise<void> {
+    const rt = new DataView(this.#reftable.buffer, this.#reftable.byteOffset, this.#reftable.length);
+    const off = rt.getUint32(index * 8) * 2 ** 32 + ((rt.getUint32(index * 8 + 4) & OFFSET_MASK_LO) >>> 0);
+    const bits = this.#refBits;
+    const first = bits < 8 ? (i * bits) >>> 3 : (i * bits) / 8;
+    const n = bits < 8 ? 1 : bits / 8;
+    await this.#fileWrite(off + first, block.slice(first, first + n));
+  }
+
+  /** First cluster index at or after the hint with refcount 0. @throws {BlkError} ENOSPC past the reftable */
+  async #findFree(): Promise<number> {
+    const per = this.#perRefblock;
+    let c = this.#freeHint;
+    for (;;) {
+      const index = Math.floor(c / per);
+      if (index >= this.#reftable.length / 8) {
+        throw new BlkError(
+          "ENOSPC",
+          "qcow2: the refcount table is full (growing it is not supported in this version of blk)",
+        );
+      }
+      const block = await this.#refblock(index);
+      if (block === undefined) return c;
+      for (let i = c - index * per; i < per; i++, c++) if (this.#refcountIn(block, i) === 0) return c;
+    }
+  }
+
+  /**
+   * Allocates one cluster (first fit) and returns its host offset. Its refcount is 1 on disk (flushed,
+   * unless lazy refcounts are in use) before the caller makes anything point to it (rule R1). A range
+   * without a refcount block gets a new one placed at its own first free cluster (self-describing),
+   * written and flushed before the reftable entry that points to it.
+   */
+  async #allocCluster(flush = true): Promise<number> {
+    const cs = this.clusterSize;
+    const per = this.#perRefblock;
+    for (;;) {
+      const c = await this.#findFree();
+      const index = Math.floor(c / per);
+      const block = await this.#refblock(index);
+      if (block === undefined) {
+        const fresh = new Uint8Array(cs);
+        setRefcount(fresh, this.#refBits, c - index * per, 1);
+        await this.#fileWrite(c * cs, fresh);
+        await this.#fileFlush();
+        const e = new Uint8Array(8);
+        const ev = new DataView(e.buffer);
+        ev.setUint32(0, Math.floor((c * cs) / 2 ** 32));
+        ev.setUint32(4, (c * cs) >>> 0);
+        await this.#fileWrite(this.header.refcountTableOffset + index * 8, e);
+        await this.#fileFlush();
+        this.#reftable.set(e, index * 8);
+        this.#refblocks.set(index, fresh);
+        this.#freeHint = c + 1;
+        continue;
+      }
+      setRefcount(block, this.#refBits, c - index * per, 1);
+      await this.#writeRefEntry(index, block, c - index * per);
+      if (flush && !this.dirty) await this.#fileFlush();
+      this.#freeHint = c + 1;
+      return c * cs;
+    }
+  }
+
+  /** Drops the refcount of the cluster at `host` to 0 (after its last reference is gone and stable: R4). */
+  async #freeCluster(host: number): Promise<void> {
+    const c = host / this.clusterSize;
+    const index = Math.floor(c / this.#perRefblock);
+    const block = await this.#refblock(index);
+    if (block === undefined) return;
+    const i = c - index * this.#perRefblock;
+    setRefcount(block, this.#refBits, i, 0);
+    await this.#writeRefEntry(index, block, i);
+    this.#freeHint = Math.min(this.#freeHint, c);
+  }
+
+  /**
+   * The L2 table of L1 entry `l1Index`, allocated when absent (rule R2: refcount flushed, table written
+   * and flushed, then the L1 entry written and flushed).
+   */
+  async #ensureL2(l1Index: number): Promise<number> {
+    const l1 = this.#activeL1;
+    if ((l1Index + 1) * 8 > l1.byteLength) {
+      throw new BlkError("EIO", `qcow2: L1 index ${hex(l1Index)} beyond the L1 table`);
+    }
+    const hi = l1.getUint32(l1Index * 8);
+    const lo = l1.getUint32(l1Index * 8 + 4);
+    const cur = (hi & OFFSET_MASK_HI) * 2 ** 32 + ((lo & OFFSET_MASK_LO) >>> 0);
+    if (cur !== 0) {
+      if ((hi & L1E_COPIED_HI) === 0) {
+        throw new BlkError(
+          "ENOTSUP",
+          "qcow2: writing through a shared L2 table is not supported in this version of blk",
+        );
+      }
+      return cur;
+    }
+    const off = await this.#allocCluster();
+    await this.#fileWrite(off, new Uint8Array(this.clusterSize));
+    await this.#fileFlush();
+    const e = new Uint8Array(8);
+    const ev = new DataView(e.buffer);
+    ev.setUint32(0, (L1E_COPIED_HI | Math.floor(off / 2 ** 32)) >>> 0);
+    ev.setUint32(4, off >>> 0);
+    await this.#fileWrite(this.header.l1TableOffset + l1Index * 8, e);
+    await this.#fileFlush();
+    l1.setUint32(l1Index * 8, ev.getUint32(0));
+    l1.setUint32(l1Index * 8 + 4, ev.getUint32(4));
+    return off;
+  }
+
+  /** Writes L2 entry `index` of the table at `l2Offset` to the file, then to the cached table if any. */
+  async #setL2Entry(l2Offset: number, index: number, hi: number, lo: number): Promise<void> {
+    const e = new Uint8Array(8);
+    const ev = new DataView(e.buffer);
+    ev.setUint32(0, hi >>> 0);
+    ev.setUint32(4, lo >>> 0);
+    await this.#setL2Entries(l2Offset, index, e);
+  }
+
+  /**
+   * Writes consecutive L2 entries from `index` (8 bytes each) to the file, then to the cached table if
+   * any (patched after the write, so a table loaded meanwhile gets them too).
+   */
+  async #setL2Entries(l2Offset: number, index: number, entries: Uint8Array): Promise<void> {
+    await this.#fileWrite(l2Offset + index * 8, entries);
+    const cached = this.#cache.get(l2Offset);
+    if (cached !== undefined) {
+      const t = await cached.catch(() => undefined);
+      if (t !== undefined) new Uint8Array(t.buffer, t.byteOffset, t.byteLength).set(entries, index * 8);
+    }
+  }
+
+  /** L1 index, L2 index and cluster start of guest offset `pos`. */
+  #where(pos: number): { l1Index: number; l2Index: number; start: number } {
+    const l1Index = Math.floor(pos / this.#perL2);
+    const l2Index = Math.floor((pos - l1Index * this.#perL2) / this.clusterSize);
+    return { l1Index, l2Index, start: l1Index * this.#perL2 + l2Index * this.clusterSize };
+  }
+
+  /**
+   * Writes the start of `data` (at guest `pos`) where the clusters are not normal ones, and returns how
+   * many bytes it wrote. Runs under the metadata lock, after looking the mapping up again.
+   *
+   * Whole unallocated / plain zero clusters (up to the end of the L2 table) are allocated together:
+   * refcounts written and flushed once (R1), the data written, then their L2 entries in one write.
+   * Otherwise one cluster: a new cluster receives the whole cluster — the bytes around the request
+   * copied from the backing file (or zeroes) — written and flushed (R3) before the L2 entry points to it;
+   * an allocated zero cluster is reused in place the same way.
+   */
+  async #allocatingWrite(pos: number, data: Uint8Array): Promise<number> {
+    const cs = this.clusterSize;
+    const run = await this.mapRun(pos, data.length);
+    if (run.type === SC.NORMAL) {
+      this.#checkCopied(run, pos);
+      await this.#fileWrite(run.host, data.subarray(0, run.bytes));
+      return run.bytes;
+    }
+    if (run.type === SC.COMPRESSED) throw compressedUnsupported(pos);
+    if (run.type === SC.INVALID || run.type === SC.UNALLOCATED_ALLOC) {
+      throw new BlkError("EIO", "Input/output error", { offset: pos });
+    }
+    await this.#markDirty();
+    const { l1Index, l2Index, start } = this.#where(pos);
+    const l2Offset = await this.#ensureL2(l1Index);
+    const fresh = run.type === SC.UNALLOCATED_PLAIN || run.type === SC.ZERO_PLAIN;
+    const count = Math.min(Math.floor(run.bytes / cs), Math.floor(data.length / cs), MAX_BATCH_CLUSTERS);
+    if (fresh && pos === start && count >= 1) {
+      const hosts: number[] = [];
+      for (let i = 0; i < count; i++) hosts.push(await this.#allocCluster(false));
+      if (!this.dirty) await this.#fileFlush();
+      // Data, one write per host-contiguous stretch.
+      let i = 0;
+      while (i < count) {
+        let j = i + 1;
+        while (j < count && hosts[j] === (hosts[j - 1] ?? 0) + cs) j++;
+        await this.#fileWrite(hosts[i] ?? 0, data.subarray(i * cs, j * cs));
+        i = j;
+      }
+      const entries = new Uint8Array(count * 8);
+      const ev = new DataView(entries.buffer);
+      hosts.forEach((h, k) => {
+        ev.setUint32(k * 8, (L2E_COPIED_HI | Math.floor(h / 2 ** 32)) >>> 0);
+        ev.setUint32(k * 8 + 4, h >>> 0);
+      });
+      await this.#setL2Entries(l2Offset, l2Index, entries);
+      return count * cs;
+    }
+    const n = Math.min(data.length, start + cs - pos);
+    const part = data.subarray(0, n);
+    const whole = n === cs;
+    const buf = whole ? part : new Uint8Array(cs);
+    if (!whole) {
+      if (run.type === SC.UNALLOCATED_PLAIN) await this.#readBacking(start, buf);
+      buf.set(part, pos - start);
+    }
+    let host: number;
+    const reuse = run.type === SC.ZERO_ALLOC;
+    if (reuse) {
+      this.#checkCopied(run, pos);
+      host = run.host - (pos - start);
+    } else {
+      host = await this.#allocCluster();
+    }
+    await this.#fileWrite(host, buf);
+    if (!whole || reuse) await this.#fileFlush();
+    await this.#setL2Entry(l2Offset, l2Index, L2E_COPIED_HI | Math.floor(host / 2 ** 32), host >>> 0);
+    return n;
+  }
+
+  #checkCopied(run: Qcow2Run, pos: number): void {
+    if ((run.entryHi & L2E_COPIED_HI) === 0) {
+      throw new BlkError(
+        "ENOTSUP",
+        "qcow2: writing to shared clusters is not supported in this version of blk",
+        {
+          offset: pos,
+        },
+      );
+    }
+  }
+
+  protected override async _write(offset: number, data: Uint8Array, _flags: WriteFlags): Promise<void> {
+    this.#checkWritable(offset);
+    await this.#prepare();
+    let done = 0;
+    const total = data.length;
+    while (done < total) {
+      const pos = offset + done;
+      // Registered before the lookup, so that a discard freeing this cluster waits for the write.
+      let finish: () => void = () => {};
+      const tracked = new Promise<void>((r) => {
+        finish = r;
+      });
+      this.#inPlace.add(tracked);
+      try {
+        const run = await this.mapRun(pos, total - done);
+        if (run.type === SC.NORMAL) {
+          // Already allocated: in place, as long a run as the mapping is contiguous.
+          this.#checkCopied(run, pos);
+          await this.#fileWrite(run.host, data.subarray(done, done + run.bytes));
+          done += run.bytes;
+          continue;
+        }
+      } finally {
+        this.#inPlace.delete(tracked);
+        finish();
+      }
+      const rest = data.subarray(done);
+      done += await this.#locked(() => this.#allocatingWrite(pos, rest));
+    }
+  }
+
+  /**
+   * Whole clusters become zero clusters (v3 zero flag; an allocated cluster keeps its host cluster, so no
+   * refcount changes); the unaligned head and tail are written as zeroes. Version 2 images have no zero
+   * flag: zeroes are written, except over unallocated clusters of an image without backing file.
+   */
+  protected override async _writeZeroes(offset: number, bytes: number, _flags: ZeroFlags): Promise<void> {
+    this.#checkWritable(offset);
+    await this.#prepare();
+    const cs = this.clusterSize;
+    const end = offset + bytes;
+    let pos = offset;
+    while (pos < end) {
+      const n = Math.min(end - pos, cs - (pos % cs));
+      if (n === cs && this.header.version === 3) {
+        await this.#locked(() => this.#zeroCluster(pos));
+      } else {
+        const run = await this.mapRun(pos, n);
+        const reads0 =
+          run.type === SC.ZERO_PLAIN ||
+          run.type === SC.ZERO_ALLOC ||
+          (run.type === SC.UNALLOCATED_PLAIN && this.#backing === undefined);
+        if (!reads0 || run.bytes < n) await this._write(pos, new Uint8Array(n), {});
+      }
+      pos += n;
+    }
+  }
+
+  /** Makes the guest cluster at `pos` a zero cluster (under the metadata lock). */
+  async #zeroCluster(pos: number): Promise<void> {
+    const run = await this.mapRun(pos, this.clusterSize);
+    if (run.type === SC.ZERO_PLAIN || run.type === SC.ZERO_ALLOC) return;
+    if (run.type === SC.UNALLOCATED_PLAIN && this.#backing === undefined) return;
+    if (run.type === SC.INVALID) throw new BlkError("EIO", "Input/output error", { offset: pos });
+    if (run.type === SC.COMPRESSED) throw compressedUnsupported(pos);
+    await this.#markDirty();
+    const { l1Index, l2Index } = this.#where(pos);
+    const l2Offset = await this.#ensureL2(l1Index);
+    if (run.type === SC.NORMAL) {
+      this.#checkCopied(run, pos);
+      await this.#setL2Entry(l2Offset, l2Index, run.entryHi, (run.entryLo | L2E_ZERO_LO) >>> 0);
+    } else {
+      await this.#setL2Entry(l2Offset, l2Index, 0, L2E_ZERO_LO);
+    }
+  }
+
+  /**
+   * Discards whole clusters (unaligned parts are ignored): an allocated cluster's L2 entry becomes a
+   * zero cluster (v3) or unallocated (v2), the change is flushed, and only then its refcount drops to 0
+   * (rule R4). Compressed clusters are left as they are.
+   */
+  protected override async _discard(offset: number, bytes: number): Promise<void> {
+    this.#checkWritable(offset);
+    await this.#prepare();
+    const cs = this.clusterSize;
+    let pos = Math.ceil(offset / cs) * cs;
+    const end = Math.min(Math.floor((offset + bytes) / cs) * cs, Math.ceil(this.#size / cs) * cs);
+    for (; pos < end; pos += cs) {
+      const at = pos;
+      await this.#locked(() => this.#discardCluster(at));
+    }
+  }
+
+  async #discardCluster(pos: number): Promise<void> {
+    const run = await this.mapRun(pos, this.clusterSize);
+    const v3 = this.header.version === 3;
+    const allocated = run.type === SC.NORMAL || run.type === SC.ZERO_ALLOC;
+    if (!allocated) {
+      // v3: an unallocated cluster over a backing file reads zeroes after a discard, as in QEMU.
+      if (v3 && run.type === SC.UNALLOCATED_PLAIN && this.#backing !== undefined)
+        await this.#zeroCluster(pos);
+      return;
+    }
+    this.#checkCopied(run, pos);
+    await this.#markDirty();
+    const { l1Index, l2Index } = this.#where(pos);
+    const l2Offset = await this.#ensureL2(l1Index);
+    await this.#setL2Entry(l2Offset, l2Index, 0, v3 ? L2E_ZERO_LO : 0);
+    await this.#fileFlush();
+    // A write that mapped the cluster before the change may still be writing into it.
+    await Promise.all([...this.#inPlace]);
+    await this.#freeCluster(run.host - (pos % this.clusterSize));
+  }
+
+  protected override async _flush(): Promise<void> {
+    if (!this.#readOnly) await this.#fileFlush();
+  }
+
+  /** Clean close: flushes, then clears the dirty bit this state set (lazy refcounts). */
+  async #closeWritable(): Promise<void> {
+    if (this.#readOnly) return;
+    await this.#locked(async () => {
+      await this.#fileFlush();
+      if (this.#markedDirty) {
+        this.header.incompatibleFeatures = (this.header.incompatibleFeatures & ~INCOMPAT_DIRTY) >>> 0;
+        await this.#writeIncompat();
+        this.#markedDirty = false;
+      }
+    });
+  }
 
   /**
    * QEMU's metadata-preallocation heuristic (decided once): the image counts clearly more clusters in
@@ -663,6 +1159,7 @@ export class Qcow2State extends BlockDriverBase {
   }
 
   protected override async _close(): Promise<void> {
+    await this.#closeWritable();
     this.#cache.clear();
     this.#lastCompressed = undefined;
   }
