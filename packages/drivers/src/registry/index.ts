@@ -312,6 +312,8 @@ export async function openImage(
         nodes.length = 0;
         const img = await openQcow2(filenameOrOptions, {
           graph,
+          writable: !readOnly,
+          ...(options.discard === undefined ? {} : { discard: options.discard }),
           forceShare: options.forceShare ?? false,
           ...(options.locking === undefined ? {} : { locking: options.locking }),
         });

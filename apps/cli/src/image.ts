@@ -1,0 +1,185 @@
+/**
+ * Opening images as qemu-img does (format given with `-f` or probed through the driver registry, or a
+ * `--image-opts` option string), with qemu-img's `Could not open 'F': …` wording, plus small helpers
+ * every command needs.
+ */
+import type { BlockNode } from "@blk/core";
+import { type BlockdevOptions, type OpenedImage, openImage } from "@blk/drivers";
+import { CliError, messageOf } from "./errors.ts";
+
+/** How to open one image. */
+export interface OpenArgs {
+  /** The filename, or with `imageOpts` a `key=value,…` option string. */
+  filename: string;
+  format?: string | undefined;
+  imageOpts?: boolean;
+  readOnly: boolean;
+  /** `-U`: share every permission (read-only opens only). */
+  forceShare?: boolean;
+  /** Take the resize permission. */
+  resize?: boolean;
+  /** Called with QEMU's warnings (the probed-raw warning). */
+  onWarning?: (message: string) => void;
+  /** Exit code of an open failure (default 1; `compare` uses 2). */
+  exitCode?: number;
+  /**
+   * The command reads guest data (default true): an image whose driver names a backing file that was
+   * not opened below it is refused rather than read without its backing data.
+   */
+  readsData?: boolean;
+}
+
+/** Splits a QEMU option string (`a=1,b.c=x`, `,,` escapes a comma) into pairs. */
+export function splitOptions(text: string): [string, string | undefined][] {
+  const out: [string, string | undefined][] = [];
+  let cur = "";
+  const items: string[] = [];
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (c === ",") {
+      if (text[i + 1] === ",") {
+        cur += ",";
+        i++;
+        continue;
+      }
+      items.push(cur);
+      cur = "";
+      continue;
+    }
+    cur += c;
+  }
+  items.push(cur);
+  for (const item of items) {
+    if (item === "") continue;
+    const eq = item.indexOf("=");
+    out.push(eq < 0 ? [item, undefined] : [item.slice(0, eq), item.slice(eq + 1)]);
+  }
+  return out;
+}
+
+function scalar(key: string, v: string): unknown {
+  if (v === "on" || v === "true") return true;
+  if (v === "off" || v === "false") return false;
+  if (/^[0-9]+$/.test(v) && !/filename|path|name|export|host|port/.test(key)) return Number(v);
+  return v;
+}
+
+/**
+ * Turns an `--image-opts` string (`driver=raw,file.filename=x`, dotted keys nest) into blockdev options;
+ * a nested object with a `filename` and no `driver` is a `file` node, as QEMU infers.
+ * @throws {CliError} for a malformed string
+ */
+export function parseImageOpts(text: string): BlockdevOptions {
+  const root: Record<string, unknown> = {};
+  for (const [k, v] of splitOptions(text)) {
+    if (v === undefined) throw new CliError(`Invalid parameter '${k}'`);
+    const path = k.split(".");
+    let obj = root;
+    for (const p of path.slice(0, -1)) {
+      const next = obj[p];
+      if (typeof next === "object" && next !== null) obj = next as Record<string, unknown>;
+      else {
+        const created: Record<string, unknown> = {};
+        obj[p] = created;
+        obj = created;
+      }
+    }
+    const leaf = path.at(-1) ?? k;
+    obj[leaf] = scalar(leaf, v);
+  }
+  const fix = (o: Record<string, unknown>, top: boolean): void => {
+    for (const [k, v] of Object.entries(o)) {
+      if (typeof v !== "object" || v === null) continue;
+      fix(v as Record<string, unknown>, false);
+      // As QEMU's keyval: an object whose keys are 0, 1, … n-1 is a list.
+      const keys = Object.keys(v);
+      if (keys.length > 0 && keys.every((key, i) => key === String(i))) o[k] = Object.values(v);
+    }
+    if (!top && o.driver === undefined && typeof o.filename === "string") o.driver = "file";
+  };
+  fix(root, true);
+  if (typeof root.driver !== "string") {
+    if (typeof root.filename === "string") root.driver = "file";
+    else throw new CliError("Parameter 'driver' is missing");
+  }
+  return root as BlockdevOptions;
+}
+
+/**
+ * Opens an image.
+ * @throws {CliError} `Could not open 'F': <reason>` (exit code `exitCode`)
+ */
+export async function openImg(a: OpenArgs): Promise<OpenedImage> {
+  let img: OpenedImage;
+  try {
+    const target = a.imageOpts === true ? parseImageOpts(a.filename) : a.filename;
+    img = await openImage(target, {
+      ...(a.format === undefined ? {} : { format: a.format }),
+      readOnly: a.readOnly,
+      forceShare: (a.forceShare ?? false) && a.readOnly,
+      resize: a.resize ?? false,
+      ...(a.onWarning === undefined ? {} : { onWarning: a.onWarning }),
+    });
+  } catch (e) {
+    if (e instanceof CliError) throw e;
+    throw new CliError(`Could not open '${a.filename}': ${messageOf(e)}`, { exitCode: a.exitCode ?? 1 });
+  }
+  if (!a.readOnly && img.node.readOnly) {
+    await img.close();
+    throw new CliError(
+      `Could not open '${a.filename}': the ${img.format} driver of this blk version cannot write`,
+      {
+        exitCode: a.exitCode ?? 1,
+      },
+    );
+  }
+  const backing = (img.node.state as unknown as { backingFilename?: unknown }).backingFilename;
+  if ((a.readsData ?? true) && typeof backing === "string" && img.node.backing === undefined) {
+    await img.close();
+    throw new CliError(
+      `Could not open '${a.filename}': its backing file '${backing}' is not opened by this blk version yet`,
+      { exitCode: a.exitCode ?? 1 },
+    );
+  }
+  return img;
+}
+
+/** The host filename of a layer: its protocol (`file`) node's filename, or the node's own. */
+export function layerFilename(node: BlockNode): string | undefined {
+  let n: BlockNode | undefined = node;
+  for (let i = 0; n !== undefined && i < 8; i++) {
+    const opts = n.driverOptions as { filename?: unknown } | null | undefined;
+    if (typeof opts?.filename === "string") return opts.filename;
+    n = n.children.get("file")?.child;
+  }
+  return undefined;
+}
+
+/** Bytes allocated on the host for a layer (`actual-size`), when its protocol driver can tell. */
+export async function allocatedSize(node: BlockNode): Promise<number | undefined> {
+  let n: BlockNode | undefined = node;
+  for (let i = 0; n !== undefined && i < 8; i++) {
+    const state = n.state as unknown as { allocatedSize?: unknown };
+    const fn = state.allocatedSize;
+    if (typeof fn === "function") return Number(await (fn as () => Promise<unknown>).call(state));
+    n = n.children.get("file")?.child;
+  }
+  return undefined;
+}
+
+/**
+ * Validates a cache mode (`-t`, or `-T` with `source`); blk accepts them all and uses the page cache.
+ * @throws {CliError} `Invalid cache option: X` / `Invalid source cache option: X`
+ */
+export function checkCacheMode(mode: string, source = false, exitCode = 1): void {
+  if (!["none", "off", "writeback", "writethrough", "directsync", "unsafe"].includes(mode)) {
+    throw new CliError(`Invalid ${source ? "source " : ""}cache option: ${mode}`, { exitCode });
+  }
+}
+
+/** Checks `--output`. @throws {CliError} */
+export function outputFormat(value: string | undefined): "human" | "json" {
+  if (value === undefined || value === "human") return "human";
+  if (value === "json") return "json";
+  throw new CliError("--output must be used with human or json as argument.");
+}
