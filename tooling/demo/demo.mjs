@@ -10,7 +10,7 @@
 //
 // Runs on built packages (the README's demo command builds first). BLK_DEMO_SHORT=1 runs a small, fast
 // version (the test suite does). It leaves no process and no file behind.
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
@@ -85,19 +85,18 @@ async function main() {
     if (!existsSync(dist))
       throw new Error(`${name} is not built (${dist} missing): run the README's demo command`);
   }
-  const src = join(dir, "src.img");
-  const dst = join(dir, "dst.img");
+  const src = join(dir, "src.qcow2");
+  const dst = join(dir, "dst.qcow2");
   const qmpSock = join(dir, "qmp.sock");
   const nbdSock = join(dir, "nbd.sock");
   const t0 = performance.now();
 
   say("blk demo: mirror a live disk while a guest writes to it");
   say(`work directory ${dir}${short ? " (short mode)" : ""}`);
-  say("Images are raw: qcow2 creation and writes are not built yet (qcow2 is read-only in blk today).");
 
-  step(1, `blk-img create: a ${fmtMiB(size)} source and an empty target of the same size`);
+  step(1, `blk-img create: a ${fmtMiB(size)} qcow2 source and an empty qcow2 target of the same size`);
   for (const f of [src, dst]) {
-    const r = await runTool("blk-img", ["create", "-f", "raw", f, String(size)]);
+    const r = await runTool("blk-img", ["create", "-f", "qcow2", f, String(size)]);
     if (r.code !== 0) throw new Error(`blk-img create failed: ${r.stderr.trim()}`);
     say(`  ${r.stdout.trim()}`);
   }
@@ -107,7 +106,7 @@ async function main() {
     "--blockdev",
     `driver=file,node-name=src-file,filename=${src}`,
     "--blockdev",
-    "driver=raw,node-name=src,file=src-file",
+    "driver=qcow2,node-name=src,file=src-file",
     "--nbd-server",
     `addr.type=unix,addr.path=${nbdSock}`,
     "--export",
@@ -166,7 +165,7 @@ async function main() {
 
   step(4, "QMP: blockdev-add the target, blockdev-mirror the source onto it");
   await qmp.execute("blockdev-add", { driver: "file", "node-name": "dst-file", filename: dst });
-  await qmp.execute("blockdev-add", { driver: "raw", "node-name": "dst", file: "dst-file" });
+  await qmp.execute("blockdev-add", { driver: "qcow2", "node-name": "dst", file: "dst-file" });
   const mark = qmp.eventMark();
   try {
     await qmp.execute("blockdev-mirror", { "job-id": "mirror0", device: "src", target: "dst", sync: "full" });
@@ -224,9 +223,18 @@ async function main() {
   await qmp.close();
   const code = await daemonExit;
   if (code !== 0) throw new Error(`blkd exited with ${code}:\n${daemonLog}`);
-  const cmp = await runTool("blk-img", ["compare", "-f", "raw", "-F", "raw", src, dst]);
+  const cmp = await runTool("blk-img", ["compare", "-f", "qcow2", "-F", "qcow2", src, dst]);
   say(`  blk-img compare: ${cmp.stdout.trim() || cmp.stderr.trim()} (exit ${cmp.code})`);
   if (cmp.code !== 0) throw new Error("the target differs from the source");
+  if (spawnSync("sh", ["-c", "command -v qemu-img"]).status === 0) {
+    for (const f of [src, dst]) {
+      const r = spawnSync("qemu-img", ["check", f], { encoding: "utf8" });
+      say(
+        `  qemu-img check ${f.slice(dir.length + 1)}: ${(r.stdout.trim().split("\n")[0] ?? "").trim()} (exit ${r.status})`,
+      );
+      if (r.status !== 0) throw new Error(`qemu-img check found problems in ${f}:\n${r.stdout}${r.stderr}`);
+    }
+  }
 
   const used = (f) => statSync(f).blocks * 512;
   say("\nSummary");
