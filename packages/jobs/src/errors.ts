@@ -6,7 +6,7 @@ import { BlkError, type BlkErrorCode, type BlkErrorOptions } from "@blk/core";
 import type { JobStatus, JobVerb } from "./types.ts";
 
 /** The QMP error classes job commands answer with. */
-export type JobQmpClass = "GenericError" | "DeviceNotActive";
+export type JobQmpClass = "GenericError" | "DeviceNotActive" | "DeviceNotFound";
 
 const kJobError = Symbol.for("@blk/job-error");
 

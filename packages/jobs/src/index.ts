@@ -10,6 +10,7 @@ export {
   drainedSection,
   type IgnoredError,
 } from "./block-job.ts";
+export * from "./commit/index.ts";
 export { errnoError, isJobError, JobError, type JobQmpClass, strerror, verbError } from "./errors.ts";
 export { isWellFormedId, Job, type JobOptions, JobTxn } from "./job.ts";
 export { type JobEventListener, JobManager, type JobManagerOptions } from "./manager.ts";
@@ -31,6 +32,7 @@ export {
   mirrorTopDriver,
 } from "./mirror/mirror-top.ts";
 export { BLOCK_JOB_SLICE_NS, defaultRateLimit, type RateLimitLike } from "./ratelimit.ts";
+export * from "./stream/index.ts";
 export {
   type BlockdevOnError,
   type BlockErrorAction,
