@@ -17,7 +17,7 @@ import {
   PERM_ALL,
 } from "@blk/core";
 import { describe, expect, it } from "vitest";
-import { COMMIT_BUFFER_SIZE, commit } from "../src/commit/index.ts";
+import { ActiveCommitJob, COMMIT_BUFFER_SIZE, commit } from "../src/commit/index.ts";
 import { isJobError } from "../src/index.ts";
 import { stream } from "../src/stream/index.ts";
 import { compact, type ManualClock, setup, tick } from "./helpers.ts";
@@ -483,14 +483,13 @@ describe("argument errors (QEMU's messages)", () => {
     expect(env.manager.queryJobs()).toEqual([]);
   });
 
-  it("active commit (top is the active layer) is refused for now", async () => {
+  it("active commit (top is the active layer) starts an ActiveCommitJob (see active-commit.test.ts)", async () => {
     const env = await chain();
-    const e = await commit(env.manager, env.graph, {
-      "job-id": "a",
-      device: "top",
-      "base-node": "base",
-    }).catch((x: unknown) => x);
-    expect(isJobError(e, "ENOTSUP")).toBe(true);
+    const job = await commit(env.manager, env.graph, { "job-id": "a", device: "top", "base-node": "base" });
+    expect(job).toBeInstanceOf(ActiveCommitJob);
+    expect(env.manager.queryBlockJobs()[0]).toMatchObject({ device: "a", type: "commit" });
+    job.cancel();
+    expect(await job.outcome).toEqual({ status: "cancelled", consistent: false });
     expect(env.manager.queryJobs()).toEqual([]);
   });
 });

@@ -4,7 +4,8 @@
  * copies into the base whatever the layers from the top down to (excluding) the base allocate; at the end
  * the overlay of the top is re-pointed to the base (its image header told through the driver hook), the
  * filter goes away and the dropped nodes nobody owns are deleted. Active commit (top is the active layer
- * or has a writer) is QEMU's mirror with READY and is refused here for now. See `spec/jobs.md` §4.
+ * or has a writer) is QEMU's mirror with READY: `commit()` starts an {@link ActiveCommitJob} for it
+ * (`active-commit.ts`). See `spec/jobs.md` §4, §2.6.
  */
 import {
   BlkError,
@@ -17,7 +18,7 @@ import {
   toBlkError,
 } from "@blk/core";
 import { BlockJob, checkNodeNotBusy } from "../block-job.ts";
-import { errnoError, JobError, type JobQmpClass } from "../errors.ts";
+import { errnoError, JobError } from "../errors.ts";
 import type { JobManager } from "../manager.ts";
 import type { RateLimitLike } from "../ratelimit.ts";
 import {
@@ -32,6 +33,7 @@ import {
   skipFilters,
 } from "../stream/chain.ts";
 import type { BlockdevOnError, IoOperationType } from "../types.ts";
+import { type ActiveCommitJob, startActiveCommit } from "./active-commit.ts";
 import { commitTopDriver } from "./commit-top.ts";
 
 /** Bytes per iteration of the commit loop (QEMU's `COMMIT_BUFFER_SIZE`): 512 KiB. */
@@ -270,8 +272,17 @@ function deviceNotFound(name: string): JobError {
 }
 
 /**
- * Starts a commit job (QMP `block-commit`) with QEMU's checks and messages. Only intermediate commit is
- * implemented: `top-node`/`top` must be below the active layer and have no writer. Inserts `commit_top`
+ * Starts a commit job (QMP `block-commit`) with QEMU's checks and messages.
+ *
+ * Active commit, when the top (after filters) is the device or someone holds write permission on it:
+ * returns an {@link ActiveCommitJob} (the mirror engine, job type `commit`): a `mirror_top` filter
+ * (`filter-node-name`, else generated) takes over the top's parents; the job copies into the base what the
+ * layers from the top down to (excluding) the base allocate (a shorter base is grown first, a read-only
+ * base reopened read-write), becomes READY, tracks guest writes, and on `complete` replaces the top by
+ * the base under all its parents (the dropped layers nobody owns are deleted). A soft cancel when READY
+ * ends with `BLOCK_JOB_COMPLETED` without the switch; a cancel before READY is forced.
+ *
+ * Intermediate commit otherwise: inserts `commit_top`
  * above the top (named `filter-node-name`, else generated), makes the job hold the device, the nodes from
  * the top down to the base and a writer on the base, and starts it. Events up to `running` are emitted
  * before the promise resolves. On completion the overlay of the top uses the base as backing; if the
@@ -282,17 +293,19 @@ function deviceNotFound(name: string): JobError {
  *   `Cannot find device='' nor node-name='X'`, `'X' is not in this backing file chain`,
  *   `Top image file X not found`, `Can't find 'X' in the backing chain`, `cannot commit an image into
  *   itself`, `'backing-file' specified, but 'top' is the active layer` (or `… has a writer on it`),
- *   `Node 'X' is busy: …`; ENOTSUP for active commit (not implemented yet); the job id and speed errors of
+ *   `Node 'X' is busy: …`; the job id and speed errors of
  *   {@link BlockJob}; {@link BlkError} from the graph (duplicate filter name, permission conflicts).
  * @example
  * const job = await commit(manager, graph, { "job-id": "commit0", device: "top", "top-node": "sn2", "base-node": "sn1" });
  * await job.outcome; // { status: "completed" }: sn2's overlay now uses sn1
+ * const active = await commit(manager, graph, { "job-id": "commit1", device: "top", "base-node": "base" });
+ * if (await active.whenStatus("ready")) active.complete(); // then every parent of top uses base
  */
 export async function commit(
   manager: JobManager,
   graph: BlockGraph,
   options: CommitOptions,
-): Promise<CommitJob> {
+): Promise<CommitJob | ActiveCommitJob> {
   let device: BlockNode;
   if (typeof options.device === "string") {
     const found = graph.find(options.device);
@@ -352,11 +365,27 @@ export async function commit(
           : "'backing-file' specified, but 'top' has a writer on it",
       );
     }
-    throw new JobError(
-      "ENOTSUP",
-      `Active commit of '${top.nodeName}' is not supported yet (blk runs intermediate commit only): ` +
-        "commit a node below the active layer, or mirror the device into the base",
-    );
+    checkNodeNotBusy(device);
+    // Active commit: the mirror engine with job type `commit` (spec/jobs.md §2.6).
+    const reopened = await ensureWritable(base);
+    try {
+      return await startActiveCommit(manager, graph, {
+        device,
+        top,
+        base,
+        jobId: options["job-id"] ?? "",
+        speed: options.speed ?? 0,
+        onError: options["on-error"] ?? "report",
+        filterNodeName: options["filter-node-name"],
+        autoFinalize: options["auto-finalize"] ?? true,
+        autoDismiss: options["auto-dismiss"] ?? true,
+        reopenedRw: reopened,
+        rateLimit: options.rateLimit,
+      });
+    } catch (e) {
+      if (reopened) await base.reopen({ readOnly: true }).catch(() => undefined);
+      throw e;
+    }
   }
   checkNodeNotBusy(device);
 

@@ -1,4 +1,5 @@
-/** The intermediate commit job (`block-commit`) and its `commit_top` filter. */
+/** The commit job (`block-commit`): intermediate commit with its `commit_top` filter, and active commit. */
+export { ActiveCommitJob, type ActiveCommitJobInit } from "./active-commit.ts";
 export {
   COMMIT_BUFFER_SIZE,
   CommitJob,

@@ -116,6 +116,14 @@ export interface MirrorJobInit {
   /** The node replaced by the target on completion (the source unless `replaces`). */
   replaces: BlockNode;
   sync: "full" | "top" | "none";
+  /**
+   * Active commit (QEMU's `commit_active_start`): the target is this node of the source's chain; the dirty
+   * init marks what the layers from the source down to (excluding) it allocate, and a shorter target is
+   * grown to the source's length first (the target edge must hold `resize` then).
+   */
+  base?: BlockNode;
+  /** The job type: `mirror` (default) or `commit` (active commit). */
+  type?: "mirror" | "commit";
   granularity: number;
   bufSize: number;
   copyMode: MirrorCopyMode;
@@ -141,6 +149,8 @@ export class MirrorJob extends BlockJob {
   readonly filter: BlockNode;
   /** The node the target replaces on completion. */
   readonly replaces: BlockNode;
+  /** Active commit: the base of the source's chain that is the target. */
+  readonly base: BlockNode | undefined;
   /** The sync mode. */
   readonly sync: "full" | "top" | "none";
   /** Bytes per dirty bit. */
@@ -174,7 +184,7 @@ export class MirrorJob extends BlockJob {
     super({
       manager: init.manager,
       id: init.id,
-      type: "mirror",
+      type: init.type ?? "mirror",
       speed: init.speed,
       autoFinalize: init.autoFinalize,
       autoDismiss: init.autoDismiss,
@@ -184,6 +194,7 @@ export class MirrorJob extends BlockJob {
     this.target = init.target;
     this.filter = init.filter;
     this.replaces = init.replaces;
+    this.base = init.base;
     this.sync = init.sync;
     this.granularity = init.granularity;
     this.bufSize = init.bufSize;
@@ -250,7 +261,13 @@ export class MirrorJob extends BlockJob {
 
   protected async run(): Promise<void> {
     const len = this.source.length;
-    if (this.target.length !== len) {
+    if (this.base !== undefined) {
+      // Active commit grows a shorter base; a longer one is fine.
+      if (this.target.length < len) {
+        this.setPhase("resize");
+        await this.#target().truncate(len);
+      }
+    } else if (this.target.length !== len) {
       throw new BlkError("EINVAL", "Source and target image have different sizes");
     }
     this.#copying = true;
@@ -289,12 +306,16 @@ export class MirrorJob extends BlockJob {
     const bitmapFull = this.#bitmap.count() >= len;
     if (!bitmapFull) {
       const top = this.sync === "top" && this.source.backing !== undefined;
+      const base = this.base;
       const step = 1 << 30;
       for (let off = 0; off < len && !this.isCancelled(); off += step) {
         const n = Math.min(step, len - off);
-        const extents = top
-          ? await this.source.blockStatus(off, n)
-          : await this.source.blockStatusAbove(off, n);
+        const extents =
+          base !== undefined
+            ? await this.source.blockStatusAbove(off, n, { base })
+            : top
+              ? await this.source.blockStatus(off, n)
+              : await this.source.blockStatusAbove(off, n);
         for (const e of extents) if (e.allocated) this.#bitmap.setDirty(e.offset, e.length);
         await this.pausePoint();
       }
@@ -666,6 +687,54 @@ export class MirrorJob extends BlockJob {
   }
 }
 
+/** The `mirror_top` filter of a job being started, inserted above its source. */
+interface InsertedMirrorTop {
+  filter: BlockNode;
+  bitmap: DirtyBitmap;
+  /** Undoes the insertion (parents back to the source, filter deleted). */
+  remove(): Promise<void>;
+}
+
+/**
+ * Opens a `mirror_top` filter (named `nodeName`, else generated) on `source` with a disabled dirty bitmap of
+ * `granularity` and inserts it above `source` (it takes over all of the source's parents). Shared by
+ * {@link mirror} and active commit. On failure nothing is left behind.
+ * @throws {BlkError} from the graph (duplicate name, permission conflicts)
+ */
+export async function insertMirrorTop(
+  graph: BlockGraph,
+  source: BlockNode,
+  granularity: number,
+  nodeName: string | undefined,
+): Promise<InsertedMirrorTop> {
+  const filter = await graph.open(
+    mirrorTopDriver,
+    {},
+    {
+      ...(nodeName === undefined ? {} : { nodeName }),
+      owned: false,
+      discard: source.options.discard,
+      children: { backing: { node: source, role: CHILD_ROLE.FILTERED | CHILD_ROLE.PRIMARY } },
+    },
+  );
+  const top = filter.state as MirrorTopState;
+  const bitmap = filter.createBitmapSync({ granularity, disabled: true });
+  top.bitmap = bitmap;
+  const remove = async (): Promise<void> => {
+    if (!bitmap.released) bitmap.release();
+    top.bitmap = undefined;
+    graph.replaceNode(filter, source);
+    await graph.delete(filter, { force: true });
+  };
+  try {
+    graph.insertFilter(filter, source);
+  } catch (e) {
+    await remove();
+    throw e;
+  }
+  return { filter, bitmap, remove };
+}
+
 /** Looks a node up by name as `blockdev-mirror` does. */
 function lookup(graph: BlockGraph, ref: string | BlockNode): BlockNode {
   if (typeof ref !== "string") return ref;
@@ -736,32 +805,11 @@ export async function mirror(
     replaces = found;
   }
 
-  const filterName = options["filter-node-name"];
-  const filter = await graph.open(
-    mirrorTopDriver,
-    {},
-    {
-      ...(filterName === undefined ? {} : { nodeName: filterName }),
-      owned: false,
-      discard: source.options.discard,
-      children: { backing: { node: source, role: CHILD_ROLE.FILTERED | CHILD_ROLE.PRIMARY } },
-    },
-  );
-  const top = filter.state as MirrorTopState;
-  const bitmap = filter.createBitmapSync({ granularity, disabled: true });
-  top.bitmap = bitmap;
-  const removeFilter = async (): Promise<void> => {
-    if (!bitmap.released) bitmap.release();
-    top.bitmap = undefined;
-    graph.replaceNode(filter, source);
-    await graph.delete(filter, { force: true });
-  };
-  try {
-    graph.insertFilter(filter, source);
-  } catch (e) {
-    await removeFilter();
-    throw e;
-  }
+  const {
+    filter,
+    bitmap,
+    remove: removeFilter,
+  } = await insertMirrorTop(graph, source, granularity, options["filter-node-name"]);
   let job: MirrorJob;
   try {
     job = new MirrorJob({
