@@ -1,10 +1,11 @@
 /**
- * Commands that start block jobs: `blockdev-mirror` and `blockdev-backup` (spec/qmp.md §3.3 argument
+ * Commands that start block jobs: `blockdev-mirror`, `blockdev-backup`, `block-commit` and `block-stream`
+ * (spec/qmp.md §3.3 argument
  * tables, 7.2 defaults). The job drivers live in `@blk/jobs`; these handlers only validate the arguments
  * with QEMU's wording and hand them over. Job events reach QMP through the daemon's JobManager listener,
  * and the handlers return after the job is running, as QEMU does.
  */
-import { backup, mirror } from "@blk/jobs";
+import { backup, commit, mirror, stream } from "@blk/jobs";
 import { type CommandDefinition, defineCommand, q } from "@blk/qmp";
 import type { DaemonState } from "../context.ts";
 import { qmpErrors } from "../errors.ts";
@@ -63,12 +64,47 @@ const BlockdevBackup = q.object(
   { name: "BlockdevBackup" },
 );
 
+const BlockCommit = q.object(
+  {
+    "job-id": q.optional(q.str()),
+    device: q.str(),
+    "base-node": q.optional(q.str()),
+    base: q.optional(q.str()),
+    "top-node": q.optional(q.str()),
+    top: q.optional(q.str()),
+    "backing-file": q.optional(q.str()),
+    speed: q.optional(q.int()),
+    "on-error": q.optional(OnError),
+    "filter-node-name": q.optional(q.str()),
+    "auto-finalize": q.optional(q.bool()),
+    "auto-dismiss": q.optional(q.bool()),
+  },
+  { name: "block-commit-arg" },
+);
+
+const BlockStream = q.object(
+  {
+    "job-id": q.optional(q.str()),
+    device: q.str(),
+    base: q.optional(q.str()),
+    "base-node": q.optional(q.str()),
+    "backing-file": q.optional(q.str()),
+    bottom: q.optional(q.str()),
+    speed: q.optional(q.int()),
+    "on-error": q.optional(OnError),
+    "filter-node-name": q.optional(q.str()),
+    "auto-finalize": q.optional(q.bool()),
+    "auto-dismiss": q.optional(q.bool()),
+  },
+  { name: "block-stream-arg" },
+);
+
 /** Drops members the client did not send, so the job drivers apply QEMU's defaults themselves. */
 function given<T extends object>(args: T): T {
   return Object.fromEntries(Object.entries(args).filter(([, v]) => v !== undefined)) as T;
 }
 
-/** `blockdev-mirror` and `blockdev-backup`. */
+/** `blockdev-mirror`, `blockdev-backup`, `block-commit` and `block-stream`. */
 export function blockJobCommands(state: DaemonState): CommandDefinition<never, unknown>[] {
   return [
     defineCommand({
@@ -84,6 +120,22 @@ export function blockJobCommands(state: DaemonState): CommandDefinition<never, u
       args: BlockdevBackup,
       handler: async (args) => {
         await qmpErrors(() => backup(state.jobs, { graph: state.graph, ...given(args) }));
+        return {};
+      },
+    }),
+    defineCommand({
+      name: "block-commit",
+      args: BlockCommit,
+      handler: async (args) => {
+        await qmpErrors(() => commit(state.jobs, state.graph, given(args)));
+        return {};
+      },
+    }),
+    defineCommand({
+      name: "block-stream",
+      args: BlockStream,
+      handler: async (args) => {
+        await qmpErrors(() => stream(state.jobs, state.graph, given(args)));
         return {};
       },
     }),

@@ -155,6 +155,12 @@ function isStaying(e: Edge): boolean {
 /** Reopens `node` read-write if it is read-only; returns whether it did (to restore it later). */
 export async function ensureWritable(node: BlockNode): Promise<boolean> {
   if (!node.readOnly) return false;
+  // As QEMU's reopen does, the node's own storage (its `file` / `data-file` children, not its backing
+  // chain) becomes writable first: a format node writes through it.
+  for (const name of ["file", "data-file"]) {
+    const child = node.children.get(name)?.child;
+    if (child !== undefined) await ensureWritable(child);
+  }
   await node.reopen({ readOnly: false });
   return true;
 }
