@@ -26,10 +26,14 @@ import type { ThrottleGroup } from "@blk/throttle";
 import { bitmapCommands } from "./commands/bitmaps.ts";
 import { blockJobCommands } from "./commands/block-jobs.ts";
 import { controlCommands } from "./commands/control.ts";
+import { createCommands } from "./commands/create.ts";
 import { exportCommands, exportDel, nbdServerStop } from "./commands/exports.ts";
 import { jobCommands } from "./commands/jobs.ts";
 import { nodeCommands } from "./commands/nodes.ts";
 import { objectCommands } from "./commands/objects.ts";
+import { snapshotCommands } from "./commands/snapshots.ts";
+import { transactionCommands } from "./commands/transaction.ts";
+import { writeThresholdCommands } from "./commands/write-threshold.ts";
 import type { DaemonObject, DaemonState, ExportEntry } from "./context.ts";
 import { asQmpError } from "./errors.ts";
 import { createLogger, type Logger, type LogLevel, type LogSink } from "./log.ts";
@@ -96,6 +100,10 @@ export class Daemon implements DaemonState, AsyncDisposable {
       ...jobCommands(this),
       ...blockJobCommands(this),
       ...exportCommands(this),
+      ...writeThresholdCommands(this),
+      ...snapshotCommands(this),
+      ...createCommands(this),
+      ...transactionCommands(this),
       ...controlCommands(this.registry),
     ])
       this.registry.add(c);

@@ -44,7 +44,8 @@ const BackupPerf = q.object(
   { name: "BackupPerf" },
 );
 
-const BlockdevBackup = q.object(
+/** `blockdev-backup`'s arguments (also a `transaction` action). */
+export const BlockdevBackup = q.object(
   {
     "job-id": q.optional(q.str()),
     device: q.str(),
