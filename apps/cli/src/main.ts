@@ -9,6 +9,7 @@ import { create } from "./commands/create.ts";
 import { info } from "./commands/info.ts";
 import { map } from "./commands/map.ts";
 import { resize } from "./commands/resize.ts";
+import { snapshot } from "./commands/snapshot.ts";
 import { type CliIo, type Command, type Context, makeContext, PROG } from "./context.ts";
 import { CliError, messageOf, usage } from "./errors.ts";
 import { helpText, versionText } from "./usage.ts";
@@ -24,6 +25,7 @@ export const COMMANDS: Readonly<Record<string, Command>> = {
   info,
   map,
   resize,
+  snapshot,
 };
 
 function report(ctx: Context, e: unknown): number {

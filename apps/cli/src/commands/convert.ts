@@ -153,9 +153,10 @@ export async function convert(args: readonly string[], ctx: Context): Promise<nu
   if (backing !== undefined && format === "raw") {
     throw new CliError(`Backing file not supported for file format '${format}'`);
   }
-  if (compress && format === "raw") throw new CliError("Compression not supported for this file format");
-  if (backing !== undefined || compress) {
-    throw new CliError(`-B and -c are not supported by blk-img convert for format '${format}' yet`);
+  if (compress && !targetImageOpts && format !== "qcow2")
+    throw new CliError("Compression not supported for this file format");
+  if (backing !== undefined) {
+    throw new CliError(`-B is not supported by blk-img convert for format '${format}' yet`);
   }
   let createOpts: CreateOption[] = [];
   if (!noCreate && !targetImageOpts) createOpts = checkCreate(format, given);
@@ -189,6 +190,20 @@ export async function convert(args: readonly string[], ctx: Context): Promise<nu
     });
     opened.push(dst);
     if (noCreate && dst.node.length < total) throw new CliError("output file is smaller than input file");
+    // -c: the target stores whole clusters compressed; the copy then works on whole target clusters.
+    let clusterGranule = 0;
+    if (compress) {
+      const st = dst.node.state as { setCompressedWrites?: (on: boolean) => void; clusterSize?: number };
+      if (typeof st.setCompressedWrites !== "function") {
+        throw new CliError("Compression not supported for this file format");
+      }
+      try {
+        st.setCompressedWrites(true);
+      } catch (e) {
+        throw new CliError(messageOf(e));
+      }
+      clusterGranule = st.clusterSize ?? 65536;
+    }
     const zeroInit = !noCreate || targetIsZero;
     const bar = makeProgress(ctx, progress);
     bar.update(0);
@@ -201,9 +216,9 @@ export async function convert(args: readonly string[], ctx: Context): Promise<nu
           base,
           length: len,
           dropZeroes: zeroInit,
-          minSparse: sparse,
+          minSparse: compress ? 0 : sparse,
         });
-        const granule = sparse === 0 ? 65536 : 512;
+        const granule = compress ? clusterGranule : sparse === 0 ? 65536 : 512;
         const work = src.node.createBitmapSync({ granularity: granule, disabled: true });
         let failed: CopyError | undefined;
         try {
@@ -232,7 +247,7 @@ export async function convert(args: readonly string[], ctx: Context): Promise<nu
             bitmap: work,
             maxWorkers: workers,
             chunkSize: 2 << 20,
-            status: sparse === 0 ? "none" : hasChain(src.node) ? "chain" : "node",
+            status: sparse === 0 || compress ? "none" : hasChain(src.node) ? "chain" : "node",
             detectZeroBuffers: false,
             zeroes: "unmap",
             onProgress: (p) => {

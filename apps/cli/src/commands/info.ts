@@ -8,6 +8,7 @@ import { getopt } from "../getopt.ts";
 import { allocatedSize, openImg, outputFormat } from "../image.ts";
 import { humanSize } from "../size.ts";
 import { commandHelp } from "../usage.ts";
+import { snapshotTable } from "./snapshot.ts";
 
 /** What a format driver's state may tell beyond `info()` (qcow2 does; raw has none of it). */
 interface StateExtras {
@@ -131,29 +132,6 @@ export function humanInfo(info: Record<string, unknown>): string {
     dumpValue(fs.data, 4, lines);
   }
   return `${lines.join("\n")}\n`;
-}
-
-const two = (n: number): string => String(n).padStart(2, "0");
-
-/** qemu-img's `Snapshot list:` table. */
-export function snapshotTable(snaps: readonly unknown[]): string[] {
-  const out = [
-    "Snapshot list:",
-    `${"ID".padEnd(10)}${"TAG".padEnd(18)}${"VM SIZE".padStart(7)}${"DATE".padStart(20)}${"VM CLOCK".padStart(13)}${"ICOUNT".padStart(11)}`,
-  ];
-  for (const raw of snaps) {
-    const s = raw as Record<string, unknown>;
-    const d = new Date(Number(s["date-sec"] ?? 0) * 1000);
-    const date = `${d.getFullYear()}-${two(d.getMonth() + 1)}-${two(d.getDate())} ${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}`;
-    const ns = Number(s["vm-clock-sec"] ?? 0) * 1e9 + Number(s["vm-clock-nsec"] ?? 0);
-    const secs = Math.floor(ns / 1e9);
-    const clock = `${two(Math.floor(secs / 3600))}:${two(Math.floor(secs / 60) % 60)}:${two(secs % 60)}.${String(Math.floor((ns % 1e9) / 1e6)).padStart(3, "0")}`;
-    const icount = s.icount === undefined ? "" : String(s.icount);
-    out.push(
-      `${String(s.id ?? "").padEnd(10)}${String(s.name ?? "").padEnd(18)}${humanSize(Number(s["vm-state-size"] ?? 0)).padStart(7)}${date.padStart(20)}${clock.padStart(13)}${icount.padStart(11)}`,
-    );
-  }
-  return out;
 }
 
 /** Runs `info`. */

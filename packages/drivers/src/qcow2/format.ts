@@ -507,6 +507,54 @@ export async function readSnapshots(
   return { snapshots: out, tableSize: off - start };
 }
 
+/**
+ * Encodes a snapshot table as QEMU 7.2 writes it (`qcow2_write_snapshots`): each entry a 40-byte header,
+ * 24 bytes of extra data (64-bit VM state size, disk size, icount — all ones when unknown) followed by
+ * preserved unknown extra data, the ID and the name, padded to 8 bytes.
+ */
+export function serializeSnapshots(snapshots: readonly Qcow2Snapshot[]): Uint8Array {
+  const parts: Uint8Array[] = [];
+  for (const sn of snapshots) {
+    // Bytes as they were read (latin1), so names round-trip unchanged.
+    const id = Buffer.from(sn.id, "latin1");
+    const name = Buffer.from(sn.name, "latin1");
+    const extra = 24 + sn.unknownExtraData.length;
+    const len = Math.ceil((SNAPSHOT_HEADER_SIZE + extra + id.length + name.length) / 8) * 8;
+    const b = new Uint8Array(len);
+    const v = new DataView(b.buffer);
+    const u64 = (at: number, n: number): void => {
+      v.setUint32(at, Math.floor(n / 2 ** 32));
+      v.setUint32(at + 4, n >>> 0);
+    };
+    u64(0, sn.l1TableOffset);
+    v.setUint32(8, sn.l1Size);
+    v.setUint16(12, id.length);
+    v.setUint16(14, name.length);
+    v.setUint32(16, sn.dateSec);
+    v.setUint32(20, sn.dateNsec);
+    u64(24, sn.vmClockNsec);
+    v.setUint32(32, sn.vmStateSize > 0xffffffff ? 0 : sn.vmStateSize);
+    v.setUint32(36, extra);
+    u64(40, sn.vmStateSize);
+    u64(48, sn.diskSize);
+    if (sn.icount === undefined) {
+      v.setUint32(56, 0xffffffff);
+      v.setUint32(60, 0xffffffff);
+    } else u64(56, sn.icount);
+    b.set(sn.unknownExtraData, 64);
+    b.set(id, 40 + extra);
+    b.set(name, 40 + extra + id.length);
+    parts.push(b);
+  }
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
 /** A reader that fetches 1 MiB windows, so many small reads of a table cost few I/O requests. */
 function windowed(readAt: ReadAt): ReadAt {
   const WIN = 1 << 20;

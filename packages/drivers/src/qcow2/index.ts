@@ -3,8 +3,10 @@
  * compressed clusters (deflate and zstd), extended L2 entries, internal snapshots and persistent bitmaps
  * parsed, block status for `qemu-img map`, QEMU's `info` data and a `check` without repair. Creates
  * images with qemu-img's layout ({@link createQcow2}). Opened read-write, it writes with QEMU's
- * crash-safe ordering (allocating writes, zero clusters, discard, lazy refcounts); images with extended
- * L2 entries, an external data file, internal snapshots or bitmaps stay read-only (ENOTSUP on write).
+ * crash-safe ordering (allocating writes, zero clusters, discard, lazy refcounts, copy on write of
+ * clusters shared with internal snapshots, compressed writes for `convert -c`) and creates, applies and
+ * deletes internal snapshots (`Qcow2State.createSnapshot` / `applySnapshot` / `deleteSnapshot`); images
+ * with extended L2 entries, an external data file or bitmaps stay read-only (ENOTSUP on write).
  *
  * Children: `file` (required) holds the image; `backing` (optional) is the backing node — the driver
  * does not open it itself, because the graph attaches children before `open`. {@link openQcow2} opens a

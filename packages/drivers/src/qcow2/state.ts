@@ -2,12 +2,15 @@
  * The open state of a qcow2 node: L1/L2 lookups through an LRU L2 cache, every cluster type (normal, zero
  * with and without allocation, unallocated, compressed, extended L2 subclusters), backing-file reads and
  * block status. Opened read-write, it also writes (write path: see the "write path" section below):
- * allocating writes with QEMU's crash-safe ordering, zero clusters, discard.
+ * allocating writes with QEMU's crash-safe ordering, zero clusters, discard, copy on write of clusters
+ * and L2 tables shared with internal snapshots (COPIED clear), compressed writes; and it creates,
+ * applies and deletes internal snapshots (section "internal snapshots").
  *
  * Reference: /work/shared/spec/qcow2.md §6 (cluster mapping), §7 (compressed clusters), §8 (refcounts),
- * §9 (crash-safe ordering), §10 (dirty bit, lazy refcounts).
+ * §9 (crash-safe ordering), §10 (dirty bit, lazy refcounts), §11 (internal snapshots).
  */
 import { stat } from "node:fs/promises";
+import { deflateRawSync } from "node:zlib";
 import {
   BlkError,
   BlockDriverBase,
@@ -33,6 +36,7 @@ import {
   type Qcow2Bitmap,
   type Qcow2Header,
   type Qcow2Snapshot,
+  serializeSnapshots,
 } from "./format.ts";
 
 // L1/L2 entry bits, as masks on the two 32-bit halves of the big-endian u64 (qcow2.txt "Cluster mapping").
@@ -84,11 +88,6 @@ export interface Qcow2Run {
 
 const hex = (n: number): string => `0x${n.toString(16)}`;
 
-const compressedUnsupported = (offset: number): BlkError =>
-  new BlkError("ENOTSUP", "qcow2: overwriting compressed clusters is not supported in this version of blk", {
-    offset,
-  });
-
 /** Everything the state needs, produced by the driver's `open`. */
 export interface Qcow2StateInit {
   header: Qcow2Header;
@@ -114,8 +113,7 @@ export interface Qcow2StateInit {
 export class Qcow2State extends BlockDriverBase {
   /** The parsed header and extensions. */
   readonly header: Qcow2Header;
-  /** Internal snapshots. */
-  readonly snapshots: readonly Qcow2Snapshot[];
+  #snapshots: Qcow2Snapshot[];
   /** Persistent bitmaps (empty when the bitmaps extension is absent or inconsistent). */
   readonly bitmaps: readonly Qcow2Bitmap[];
   /** Cluster size in bytes. */
@@ -132,7 +130,7 @@ export class Qcow2State extends BlockDriverBase {
   readonly #l1Size: number;
   readonly #size: number;
   readonly #reftable: Uint8Array;
-  readonly #snapshotsSize: number;
+  #snapshotsSize: number;
   readonly #extL2: boolean;
   readonly #hasDataFile: boolean;
   readonly #clusterBits: number;
@@ -157,6 +155,12 @@ export class Qcow2State extends BlockDriverBase {
   #markedDirty = false;
   /** In-place data writes in flight: a discard waits for those started before it frees a cluster. */
   readonly #inPlace = new Set<Promise<void>>();
+  /** Snapshot operations running or waiting (each settles when it ends): in-place writes wait for them. */
+  readonly #snapshotOps = new Set<Promise<void>>();
+  /** Whole-cluster writes into unallocated clusters are stored compressed (`qemu-img convert -c`). */
+  #compress = false;
+  /** Where the next compressed cluster may go (QEMU's `free_byte_offset`; 0: a new host cluster). */
+  #freeByteOffset = 0;
   /** The first modifying request's header update (unknown autoclear bits cleared), once. */
   #prepared: Promise<void> | undefined;
 
@@ -165,7 +169,7 @@ export class Qcow2State extends BlockDriverBase {
     super({ requestAlignment: 1, maxTransfer: 0 });
     const h = init.header;
     this.header = h;
-    this.snapshots = init.snapshots;
+    this.#snapshots = init.snapshots;
     this.bitmaps = init.bitmaps;
     this.#file = init.file;
     this.#backing = init.backing;
@@ -194,6 +198,10 @@ export class Qcow2State extends BlockDriverBase {
     this.#perRefblock = (this.clusterSize * 8) / this.#refBits;
   }
 
+  /** Internal snapshots. */
+  get snapshots(): readonly Qcow2Snapshot[] {
+    return this.#snapshots;
+  }
   /** Virtual size in bytes. */
   get size(): number {
     return this.#size;
@@ -484,8 +492,8 @@ export class Qcow2State extends BlockDriverBase {
 
   /**
    * Refuses writes this version cannot do safely.
-   * @throws {BlkError} EROFS read-only or snapshot view; ENOTSUP for extended L2, external data files,
-   *   internal snapshots and persistent bitmaps
+   * @throws {BlkError} EROFS read-only or snapshot view; ENOTSUP for extended L2, external data files
+   *   and persistent bitmaps
    */
   #checkWritable(offset: number): void {
     if (this.#readOnly || this.snapshot !== undefined) {
@@ -501,7 +509,6 @@ export class Qcow2State extends BlockDriverBase {
       );
     if (this.#extL2) throw no("extended L2 entries");
     if (this.#hasDataFile) throw no("an external data file");
-    if (this.snapshots.length > 0) throw no("internal snapshots");
     if (this.header.bitmaps !== undefined || this.header.bitmapsInconsistent) throw no("persistent bitmaps");
   }
 
@@ -620,18 +627,7 @@ export class Qcow2State extends BlockDriverBase {
       const index = Math.floor(c / per);
       const block = await this.#refblock(index);
       if (block === undefined) {
-        const fresh = new Uint8Array(cs);
-        setRefcount(fresh, this.#refBits, c - index * per, 1);
-        await this.#fileWrite(c * cs, fresh);
-        await this.#fileFlush();
-        const e = new Uint8Array(8);
-        const ev = new DataView(e.buffer);
-        ev.setUint32(0, Math.floor((c * cs) / 2 ** 32));
-        ev.setUint32(4, (c * cs) >>> 0);
-        await this.#fileWrite(this.header.refcountTableOffset + index * 8, e);
-        await this.#fileFlush();
-        this.#reftable.set(e, index * 8);
-        this.#refblocks.set(index, fresh);
+        await this.#newRefblock(c);
         this.#freeHint = c + 1;
         continue;
       }
@@ -643,16 +639,150 @@ export class Qcow2State extends BlockDriverBase {
     }
   }
 
-  /** Drops the refcount of the cluster at `host` to 0 (after its last reference is gone and stable: R4). */
-  async #freeCluster(host: number): Promise<void> {
-    const c = host / this.clusterSize;
+  /**
+   * Places a new refcount block for the range of cluster `c` at `c` itself (self-describing, refcount 1),
+   * written and flushed before the reftable entry that points to it.
+   */
+  async #newRefblock(c: number): Promise<void> {
+    const cs = this.clusterSize;
     const index = Math.floor(c / this.#perRefblock);
+    const fresh = new Uint8Array(cs);
+    setRefcount(fresh, this.#refBits, c - index * this.#perRefblock, 1);
+    await this.#fileWrite(c * cs, fresh);
+    await this.#fileFlush();
+    const e = new Uint8Array(8);
+    const ev = new DataView(e.buffer);
+    ev.setUint32(0, Math.floor((c * cs) / 2 ** 32));
+    ev.setUint32(4, (c * cs) >>> 0);
+    await this.#fileWrite(this.header.refcountTableOffset + index * 8, e);
+    await this.#fileFlush();
+    this.#reftable.set(e, index * 8);
+    this.#refblocks.set(index, fresh);
+  }
+
+  /** Refcount of cluster index `c` (0 without a refcount block or past the reftable). */
+  async #refcountAt(c: number): Promise<number> {
+    const index = Math.floor(c / this.#perRefblock);
+    if (index >= this.#reftable.length / 8) return 0;
     const block = await this.#refblock(index);
-    if (block === undefined) return;
-    const i = c - index * this.#perRefblock;
-    setRefcount(block, this.#refBits, i, 0);
-    await this.#writeRefEntry(index, block, i);
-    this.#freeHint = Math.min(this.#freeHint, c);
+    return block === undefined ? 0 : this.#refcountIn(block, c - index * this.#perRefblock);
+  }
+
+  /**
+   * Applies refcount changes (cluster index → delta): all validated first (no change is written when one
+   * would leave 0..refcount_max), then the changed entries written (a whole refcount block when many
+   * changed), then a flush when a refcount went up. A cluster whose refcount drops to 0 becomes
+   * allocatable again (and leaves the L2 cache).
+   * @throws {BlkError} EINVAL past refcount_max; EIO for a refcount going below 0
+   */
+  async #updateRefcounts(deltas: ReadonlyMap<number, number>): Promise<void> {
+    const per = this.#perRefblock;
+    const max = 2 ** this.#refBits - 1;
+    const next = new Map<number, number>();
+    for (const [c, d] of deltas) {
+      if (d === 0) continue;
+      const cur = await this.#refcountAt(c);
+      const v = cur + d;
+      if (v > max) {
+        // EINVAL, as QEMU's update_refcount (qemu-img: "-22 (Invalid argument)").
+        throw new BlkError(
+          "EINVAL",
+          `qcow2: refcount of cluster ${hex(c * this.clusterSize)} would exceed ${max} (refcount_bits=${this.#refBits})`,
+        );
+      }
+      if (v < 0 || (await this.#refblock(Math.floor(c / per))) === undefined) {
+        throw new BlkError(
+          "EIO",
+          `qcow2: Image is corrupt: refcount of cluster ${hex(c * this.clusterSize)} would drop below 0`,
+        );
+      }
+      next.set(c, v);
+    }
+    const touched = new Map<number, number[]>();
+    for (const [c, v] of next) {
+      const index = Math.floor(c / per);
+      const block = await this.#refblock(index);
+      if (block === undefined) continue;
+      setRefcount(block, this.#refBits, c - index * per, v);
+      const entries = touched.get(index) ?? [];
+      entries.push(c - index * per);
+      touched.set(index, entries);
+      if (v === 0) {
+        this.#freeHint = Math.min(this.#freeHint, c);
+        if (Math.floor(this.#freeByteOffset / this.clusterSize) === c) this.#freeByteOffset = 0;
+        this.#cache.delete(c * this.clusterSize);
+      }
+    }
+    if (touched.size === 0) return;
+    const rt = new DataView(this.#reftable.buffer, this.#reftable.byteOffset, this.#reftable.length);
+    for (const index of [...touched.keys()].sort((a, b) => a - b)) {
+      const block = this.#refblocks.get(index);
+      const entries = touched.get(index) ?? [];
+      if (block === undefined) continue;
+      if (entries.length <= 16) {
+        // A few entries: written one by one (a discard or a copy on write changes one).
+        for (const i of entries) await this.#writeRefEntry(index, block, i);
+        continue;
+      }
+      const off = rt.getUint32(index * 8) * 2 ** 32 + ((rt.getUint32(index * 8 + 4) & OFFSET_MASK_LO) >>> 0);
+      await this.#fileWrite(off, block);
+    }
+    // Increments must be stable before anything references the clusters (R1); a lost decrement is a leak.
+    if ([...deltas.values()].some((d) => d > 0)) await this.#fileFlush();
+  }
+
+  /** Allocates `n` contiguous clusters (first fit; refcounts 1, flushed) and returns the host offset. */
+  async #allocRun(n: number): Promise<number> {
+    if (n <= 1) return this.#allocCluster();
+    const per = this.#perRefblock;
+    let c = await this.#findFree();
+    for (;;) {
+      let k = 0;
+      for (; k < n; k++) {
+        const index = Math.floor((c + k) / per);
+        if (index >= this.#reftable.length / 8) {
+          throw new BlkError(
+            "ENOSPC",
+            "qcow2: the refcount table is full (growing it is not supported in this version of blk)",
+          );
+        }
+        if ((await this.#refblock(index)) === undefined) {
+          await this.#newRefblock(c + k);
+          break;
+        }
+        if ((await this.#refcountAt(c + k)) !== 0) break;
+      }
+      if (k === n) break;
+      c += k + 1;
+    }
+    const deltas = new Map<number, number>();
+    for (let k = 0; k < n; k++) deltas.set(c + k, 1);
+    await this.#updateRefcounts(deltas);
+    return c * this.clusterSize;
+  }
+
+  /** Host cluster indexes an L2 entry references (compressed: every host cluster its sectors touch). */
+  #entryClusters(hi: number, lo: number): number[] {
+    const cs = this.clusterSize;
+    if ((hi & L2E_COMPRESSED_HI) !== 0) {
+      const x = this.#csizeShift;
+      const low = BigInt(hi & 0x3fffffff) * 2n ** 32n + BigInt(lo >>> 0);
+      const off = Number(low & ((1n << BigInt(x)) - 1n));
+      const nb = Number(low >> BigInt(x)) + 1;
+      const start = off - (off % 512);
+      const out: number[] = [];
+      for (let c = Math.floor(start / cs); c * cs < start + nb * 512; c++) out.push(c);
+      return out;
+    }
+    const host = (hi & OFFSET_MASK_HI) * 2 ** 32 + ((lo & OFFSET_MASK_LO) >>> 0);
+    return host === 0 ? [] : [host / cs];
+  }
+
+  /** Decrements the refcounts of what an L2 entry referenced (after the entry's change is stable: R4). */
+  async #unrefEntry(hi: number, lo: number): Promise<void> {
+    const m = new Map<number, number>();
+    for (const c of this.#entryClusters(hi, lo)) m.set(c, (m.get(c) ?? 0) - 1);
+    await this.#updateRefcounts(m);
   }
 
   /**
@@ -667,18 +797,20 @@ export class Qcow2State extends BlockDriverBase {
     const hi = l1.getUint32(l1Index * 8);
     const lo = l1.getUint32(l1Index * 8 + 4);
     const cur = (hi & OFFSET_MASK_HI) * 2 ** 32 + ((lo & OFFSET_MASK_LO) >>> 0);
-    if (cur !== 0) {
-      if ((hi & L1E_COPIED_HI) === 0) {
-        throw new BlkError(
-          "ENOTSUP",
-          "qcow2: writing through a shared L2 table is not supported in this version of blk",
-        );
-      }
-      return cur;
-    }
+    if (cur !== 0 && (hi & L1E_COPIED_HI) !== 0) return cur;
+    // Absent: a zeroed table. Shared with a snapshot (COPIED clear): a copy, then the old one unreferenced.
+    const table = cur === 0 ? new Uint8Array(this.clusterSize) : await this.readFile(cur, this.clusterSize);
     const off = await this.#allocCluster();
-    await this.#fileWrite(off, new Uint8Array(this.clusterSize));
+    await this.#fileWrite(off, table);
     await this.#fileFlush();
+    await this.#writeL1Entry(l1Index, off);
+    if (cur !== 0) await this.#updateRefcounts(new Map([[cur / this.clusterSize, -1]]));
+    return off;
+  }
+
+  /** Writes active L1 entry `l1Index` as `off | COPIED` (write + flush), then the in-memory table. */
+  async #writeL1Entry(l1Index: number, off: number): Promise<void> {
+    const l1 = this.#activeL1;
     const e = new Uint8Array(8);
     const ev = new DataView(e.buffer);
     ev.setUint32(0, (L1E_COPIED_HI | Math.floor(off / 2 ** 32)) >>> 0);
@@ -687,7 +819,6 @@ export class Qcow2State extends BlockDriverBase {
     await this.#fileFlush();
     l1.setUint32(l1Index * 8, ev.getUint32(0));
     l1.setUint32(l1Index * 8 + 4, ev.getUint32(4));
-    return off;
   }
 
   /** Writes L2 entry `index` of the table at `l2Offset` to the file, then to the cached table if any. */
@@ -732,12 +863,14 @@ export class Qcow2State extends BlockDriverBase {
   async #allocatingWrite(pos: number, data: Uint8Array): Promise<number> {
     const cs = this.clusterSize;
     const run = await this.mapRun(pos, data.length);
-    if (run.type === SC.NORMAL) {
-      this.#checkCopied(run, pos);
+    const copied = (run.entryHi & L2E_COPIED_HI) !== 0;
+    if (run.type === SC.NORMAL && copied) {
       await this.#fileWrite(run.host, data.subarray(0, run.bytes));
       return run.bytes;
     }
-    if (run.type === SC.COMPRESSED) throw compressedUnsupported(pos);
+    if (run.type === SC.NORMAL || run.type === SC.COMPRESSED || (run.type === SC.ZERO_ALLOC && !copied)) {
+      return this.#cowWrite(pos, data, run);
+    }
     if (run.type === SC.INVALID || run.type === SC.UNALLOCATED_ALLOC) {
       throw new BlkError("EIO", "Input/output error", { offset: pos });
     }
@@ -778,7 +911,6 @@ export class Qcow2State extends BlockDriverBase {
     let host: number;
     const reuse = run.type === SC.ZERO_ALLOC;
     if (reuse) {
-      this.#checkCopied(run, pos);
       host = run.host - (pos - start);
     } else {
       host = await this.#allocCluster();
@@ -789,21 +921,42 @@ export class Qcow2State extends BlockDriverBase {
     return n;
   }
 
-  #checkCopied(run: Qcow2Run, pos: number): void {
-    if ((run.entryHi & L2E_COPIED_HI) === 0) {
-      throw new BlkError(
-        "ENOTSUP",
-        "qcow2: writing to shared clusters is not supported in this version of blk",
-        {
-          offset: pos,
-        },
-      );
+  /**
+   * Copy-on-write of one cluster that is shared (COPIED clear: a snapshot references it), compressed, or
+   * an allocated zero cluster not owned alone: the whole new cluster (old contents around the request) is
+   * written to a new cluster and flushed (R3), the L2 entry switched to it and flushed, and only then the
+   * old cluster's refcounts drop (R4). Returns the bytes written (up to the end of the cluster).
+   */
+  async #cowWrite(pos: number, data: Uint8Array, run: Qcow2Run): Promise<number> {
+    const cs = this.clusterSize;
+    await this.#markDirty();
+    const { l1Index, l2Index, start } = this.#where(pos);
+    const l2Offset = await this.#ensureL2(l1Index);
+    const n = Math.min(data.length, start + cs - pos);
+    const buf = new Uint8Array(cs);
+    if (n < cs) {
+      if (run.type === SC.NORMAL) await this.#pread(this.#data, run.host - (pos - start), buf);
+      else if (run.type === SC.COMPRESSED) buf.set(await this.#decompressed(run.entryHi, run.entryLo));
     }
+    buf.set(data.subarray(0, n), pos - start);
+    const host = await this.#allocCluster();
+    await this.#fileWrite(host, buf);
+    await this.#fileFlush();
+    await this.#setL2Entry(l2Offset, l2Index, L2E_COPIED_HI | Math.floor(host / 2 ** 32), host >>> 0);
+    await this.#fileFlush();
+    this.#lastCompressed = undefined;
+    await this.#unrefEntry(run.entryHi, run.entryLo);
+    return n;
   }
 
   protected override async _write(offset: number, data: Uint8Array, _flags: WriteFlags): Promise<void> {
     this.#checkWritable(offset);
     await this.#prepare();
+    if (this.#compress) await this.#compressedWrite(offset, data);
+    else await this.#plainWrite(offset, data);
+  }
+
+  async #plainWrite(offset: number, data: Uint8Array): Promise<void> {
     let done = 0;
     const total = data.length;
     while (done < total) {
@@ -813,12 +966,13 @@ export class Qcow2State extends BlockDriverBase {
       const tracked = new Promise<void>((r) => {
         finish = r;
       });
+      // A snapshot operation changes which clusters may be written in place: wait for it to end.
+      while (this.#snapshotOps.size > 0) await Promise.all([...this.#snapshotOps]);
       this.#inPlace.add(tracked);
       try {
         const run = await this.mapRun(pos, total - done);
-        if (run.type === SC.NORMAL) {
-          // Already allocated: in place, as long a run as the mapping is contiguous.
-          this.#checkCopied(run, pos);
+        if (run.type === SC.NORMAL && (run.entryHi & L2E_COPIED_HI) !== 0) {
+          // Already allocated and not shared: in place, as long a run as the mapping is contiguous.
           await this.#fileWrite(run.host, data.subarray(done, done + run.bytes));
           done += run.bytes;
           continue;
@@ -830,6 +984,114 @@ export class Qcow2State extends BlockDriverBase {
       const rest = data.subarray(done);
       done += await this.#locked(() => this.#allocatingWrite(pos, rest));
     }
+  }
+
+  // ---- compressed writes ----------------------------------------------------------------------------
+
+  /**
+   * Turns compressed writes on or off (what `qemu-img convert -c` asks of its target). While on, a write
+   * stores each whole guest cluster (or the image's last, partial one, padded with zeroes) that is not
+   * allocated yet as raw deflate data (window bits -12) when that is smaller than a cluster, packed
+   * byte by byte into host clusters (QEMU `qcow2_alloc_bytes`: a host cluster holding parts of N
+   * compressed clusters has refcount N); other clusters are written as usual. A request that is all
+   * zeroes over clusters that already read as zeroes writes nothing.
+   * @throws {BlkError} EROFS read-only; ENOTSUP for zstd images, extended L2 or an external data file
+   */
+  setCompressedWrites(on: boolean): void {
+    this.#checkWritable(0);
+    if (on && this.header.compressionType === 1) {
+      throw new BlkError(
+        "ENOTSUP",
+        "qcow2: writing zstd compressed clusters is not supported in this version of blk",
+      );
+    }
+    this.#compress = on;
+  }
+
+  async #compressedWrite(offset: number, data: Uint8Array): Promise<void> {
+    const cs = this.clusterSize;
+    if (await this.#zeroOverZeroes(offset, data)) return;
+    let done = 0;
+    while (done < data.length) {
+      const pos = offset + done;
+      const inCluster = pos % cs;
+      const n = Math.min(data.length - done, cs - inCluster);
+      const part = data.subarray(done, done + n);
+      done += n;
+      if (inCluster === 0 && (n === cs || pos + n === this.#size)) {
+        let buf = part;
+        if (n < cs) {
+          buf = new Uint8Array(cs);
+          buf.set(part);
+        }
+        const z = deflateRawSync(buf, { windowBits: 12, memLevel: 9 });
+        if (z.length < cs && (await this.#locked(() => this.#storeCompressed(pos, z)))) continue;
+      }
+      await this.#plainWrite(pos, part);
+    }
+  }
+
+  /** The request is all zeroes and every cluster it touches already reads as zeroes. */
+  async #zeroOverZeroes(offset: number, data: Uint8Array): Promise<boolean> {
+    for (const b of data) if (b !== 0) return false;
+    for (let done = 0; done < data.length; ) {
+      const run = await this.mapRun(offset + done, data.length - done);
+      const zero =
+        run.type === SC.ZERO_PLAIN ||
+        run.type === SC.ZERO_ALLOC ||
+        (run.type === SC.UNALLOCATED_PLAIN && this.#backing === undefined);
+      if (!zero) return false;
+      done += run.bytes;
+    }
+    return true;
+  }
+
+  /**
+   * Stores compressed cluster data for guest cluster `pos` (under the metadata lock) when the cluster is
+   * still unallocated; returns false (nothing done) otherwise. Refcounts are stable before the L2 entry
+   * names the bytes (R1).
+   */
+  async #storeCompressed(pos: number, z: Uint8Array): Promise<boolean> {
+    const run = await this.mapRun(pos, this.clusterSize);
+    if (run.type !== SC.UNALLOCATED_PLAIN && run.type !== SC.ZERO_PLAIN) return false;
+    await this.#markDirty();
+    const { l1Index, l2Index } = this.#where(pos);
+    const l2Offset = await this.#ensureL2(l1Index);
+    const off = await this.#allocBytes(z.length);
+    await this.#fileWrite(off, z);
+    const sectors = Math.floor((off + z.length - 1) / 512) - Math.floor(off / 512);
+    const d = (1n << 62n) | (BigInt(sectors) << BigInt(this.#csizeShift)) | BigInt(off);
+    await this.#setL2Entry(l2Offset, l2Index, Number(d >> 32n), Number(d & 0xffffffffn));
+    return true;
+  }
+
+  /**
+   * Allocates `size` (< cluster size) bytes for compressed data, right after the previous ones when they
+   * fit (continuing into the next host cluster when that one is free and contiguous, else starting a new
+   * host cluster); the refcount of every host cluster the bytes touch goes up by one (written, flushed).
+   */
+  async #allocBytes(size: number): Promise<number> {
+    const cs = this.clusterSize;
+    let offset = this.#freeByteOffset;
+    if (offset !== 0) {
+      const rc = await this.#refcountAt(Math.floor(offset / cs));
+      if (rc === 0 || rc >= 2 ** this.#refBits - 1) offset = 0;
+    }
+    const free = offset === 0 ? 0 : cs - (offset % cs);
+    if (offset === 0 || free < size) {
+      let c: number;
+      for (;;) {
+        c = await this.#findFree();
+        if ((await this.#refblock(Math.floor(c / this.#perRefblock))) !== undefined) break;
+        await this.#newRefblock(c);
+      }
+      if (offset === 0 || Math.ceil(offset / cs) !== c) offset = c * cs;
+    }
+    const deltas = new Map<number, number>();
+    for (let k = Math.floor(offset / cs); k * cs < offset + size; k++) deltas.set(k, 1);
+    await this.#updateRefcounts(deltas);
+    this.#freeByteOffset = (offset + size) % cs === 0 ? 0 : offset + size;
+    return offset;
   }
 
   /**
@@ -865,12 +1127,16 @@ export class Qcow2State extends BlockDriverBase {
     if (run.type === SC.ZERO_PLAIN || run.type === SC.ZERO_ALLOC) return;
     if (run.type === SC.UNALLOCATED_PLAIN && this.#backing === undefined) return;
     if (run.type === SC.INVALID) throw new BlkError("EIO", "Input/output error", { offset: pos });
-    if (run.type === SC.COMPRESSED) throw compressedUnsupported(pos);
     await this.#markDirty();
     const { l1Index, l2Index } = this.#where(pos);
     const l2Offset = await this.#ensureL2(l1Index);
-    if (run.type === SC.NORMAL) {
-      this.#checkCopied(run, pos);
+    if (run.type === SC.COMPRESSED || (run.type === SC.NORMAL && (run.entryHi & L2E_COPIED_HI) === 0)) {
+      // Shared or compressed: the entry stops referencing it, then its refcounts drop (R4).
+      await this.#setL2Entry(l2Offset, l2Index, 0, L2E_ZERO_LO);
+      await this.#fileFlush();
+      this.#lastCompressed = undefined;
+      await this.#unrefEntry(run.entryHi, run.entryLo);
+    } else if (run.type === SC.NORMAL) {
       await this.#setL2Entry(l2Offset, l2Index, run.entryHi, (run.entryLo | L2E_ZERO_LO) >>> 0);
     } else {
       await this.#setL2Entry(l2Offset, l2Index, 0, L2E_ZERO_LO);
@@ -904,7 +1170,6 @@ export class Qcow2State extends BlockDriverBase {
         await this.#zeroCluster(pos);
       return;
     }
-    this.#checkCopied(run, pos);
     await this.#markDirty();
     const { l1Index, l2Index } = this.#where(pos);
     const l2Offset = await this.#ensureL2(l1Index);
@@ -912,7 +1177,254 @@ export class Qcow2State extends BlockDriverBase {
     await this.#fileFlush();
     // A write that mapped the cluster before the change may still be writing into it.
     await Promise.all([...this.#inPlace]);
-    await this.#freeCluster(run.host - (pos % this.clusterSize));
+    await this.#unrefEntry(run.entryHi, run.entryLo);
+  }
+
+  // ---- internal snapshots -------------------------------------------------------------------------
+  //
+  // Refcounts count reference paths (qcow2.md §11, as `qemu-img check` counts them): an L2 table once per
+  // L1 table (active or snapshot) naming it, a data cluster once per (L1 table, L2 entry) reaching it.
+  // Every step makes refcounts stable before references appear and references go away before refcounts
+  // drop, so a crash at any point leaves at most leaked clusters.
+
+  /** Adds `sign` per reference path from the first `entries` entries of an L1 table to `into`. */
+  async #paths(l1: DataView, entries: number, into: Map<number, number>, sign: 1 | -1): Promise<void> {
+    const cs = this.clusterSize;
+    const add = (c: number): void => {
+      into.set(c, (into.get(c) ?? 0) + sign);
+    };
+    for (let i = 0; i < entries; i++) {
+      const hi = l1.getUint32(i * 8);
+      const lo = l1.getUint32(i * 8 + 4);
+      const l2 = (hi & OFFSET_MASK_HI) * 2 ** 32 + ((lo & OFFSET_MASK_LO) >>> 0);
+      if (l2 === 0) continue;
+      if (l2 % cs !== 0) {
+        throw new BlkError(
+          "EIO",
+          `qcow2: Image is corrupt: L2 table offset ${hex(l2)} unaligned (L1 index: ${hex(i)})`,
+        );
+      }
+      add(l2 / cs);
+      const t = await this.readFile(l2, cs);
+      const tv = new DataView(t.buffer);
+      for (let j = 0; j < this.#l2Entries; j++) {
+        for (const c of this.#entryClusters(tv.getUint32(j * 8), tv.getUint32(j * 8 + 4))) add(c);
+      }
+    }
+  }
+
+  /**
+   * Recomputes the COPIED flags of the active L1 and the L2 tables it names from the refcounts (set
+   * exactly when the refcount is 1), writing the tables that change, then the L1 table, with flushes.
+   */
+  async #refreshCopied(): Promise<void> {
+    const cs = this.clusterSize;
+    const l1 = this.#activeL1;
+    let l1Changed = false;
+    for (let i = 0; i < this.header.l1Size; i++) {
+      const hi = l1.getUint32(i * 8);
+      const lo = l1.getUint32(i * 8 + 4);
+      const l2 = (hi & OFFSET_MASK_HI) * 2 ** 32 + ((lo & OFFSET_MASK_LO) >>> 0);
+      if (l2 === 0) continue;
+      const nhi = ((await this.#refcountAt(l2 / cs)) === 1 ? hi | L1E_COPIED_HI : hi & ~L1E_COPIED_HI) >>> 0;
+      if (nhi !== hi) {
+        l1.setUint32(i * 8, nhi);
+        l1Changed = true;
+      }
+      const t = await this.readFile(l2, cs);
+      const tv = new DataView(t.buffer);
+      let changed = false;
+      for (let j = 0; j < this.#l2Entries; j++) {
+        const ehi = tv.getUint32(j * 8);
+        if ((ehi & L2E_COMPRESSED_HI) !== 0) continue;
+        const host = (ehi & OFFSET_MASK_HI) * 2 ** 32 + ((tv.getUint32(j * 8 + 4) & OFFSET_MASK_LO) >>> 0);
+        if (host === 0) continue;
+        const one = (await this.#refcountAt(host / cs)) === 1;
+        const n = (one ? ehi | L2E_COPIED_HI : ehi & ~L2E_COPIED_HI) >>> 0;
+        if (n !== ehi) {
+          tv.setUint32(j * 8, n);
+          changed = true;
+        }
+      }
+      if (changed) await this.#fileWrite(l2, t);
+    }
+    await this.#fileFlush();
+    if (l1Changed) {
+      await this.#fileWrite(
+        this.header.l1TableOffset,
+        new Uint8Array(l1.buffer, l1.byteOffset, this.header.l1Size * 8).slice(),
+      );
+      await this.#fileFlush();
+    }
+    this.#cache.clear();
+  }
+
+  /**
+   * Writes a new snapshot table to newly allocated clusters (flushed), switches the header's
+   * `nb_snapshots` + `snapshots_offset` (12 bytes at 60, write + flush), then frees the old table.
+   */
+  async #writeSnapshotTable(list: Qcow2Snapshot[]): Promise<void> {
+    const cs = this.clusterSize;
+    const bytes = serializeSnapshots(list);
+    let off = 0;
+    if (list.length > 0) {
+      off = await this.#allocRun(Math.ceil(bytes.length / cs));
+      await this.#fileWrite(off, bytes);
+      await this.#fileFlush();
+    }
+    const oldOff = this.header.snapshotsOffset;
+    const oldSize = this.#snapshotsSize;
+    const hb = new Uint8Array(12);
+    const hv = new DataView(hb.buffer);
+    hv.setUint32(0, list.length);
+    hv.setUint32(4, Math.floor(off / 2 ** 32));
+    hv.setUint32(8, off >>> 0);
+    await this.#fileWrite(60, hb);
+    await this.#fileFlush();
+    this.header.nbSnapshots = list.length;
+    this.header.snapshotsOffset = off;
+    this.#snapshots = list;
+    this.#snapshotsSize = bytes.length;
+    if (oldSize > 0) {
+      const m = new Map<number, number>();
+      for (let c = Math.floor(oldOff / cs); c * cs < oldOff + oldSize; c++) m.set(c, -1);
+      await this.#updateRefcounts(m);
+    }
+  }
+
+  /** Runs a snapshot operation: writable checks, then under the metadata lock once in-place writes ended. */
+  async #snapshotOp<T>(fn: () => Promise<T>): Promise<T> {
+    this.#checkWritable(0);
+    let open: () => void = () => {};
+    const gate = new Promise<void>((r) => {
+      open = r;
+    });
+    this.#snapshotOps.add(gate);
+    try {
+      await this.#prepare();
+      return await this.#locked(async () => {
+        await Promise.all([...this.#inPlace]);
+        return fn();
+      });
+    } finally {
+      this.#snapshotOps.delete(gate);
+      open();
+    }
+  }
+
+  /**
+   * Creates internal snapshot `name` of the current state (QEMU `qcow2_snapshot_create`; duplicate
+   * names allowed, ID = highest numeric ID + 1): refcounts of everything the active L1 reaches
+   * incremented, COPIED flags cleared (so later writes copy on write), the active L1 copied to new
+   * clusters, and the snapshot table rewritten.
+   * @throws {BlkError} EROFS / ENOTSUP as writes; EINVAL when a refcount would exceed refcount_max
+   */
+  async createSnapshot(name: string, options: { date?: Date } = {}): Promise<Qcow2Snapshot> {
+    return this.#snapshotOp(async () => {
+      const cs = this.clusterSize;
+      const l1Size = this.header.l1Size;
+      const inc = new Map<number, number>();
+      await this.#paths(this.#activeL1, l1Size, inc, 1);
+      await this.#updateRefcounts(inc);
+      await this.#refreshCopied();
+      const l1 = this.#activeL1;
+      const copy = new Uint8Array(l1.buffer, l1.byteOffset, l1Size * 8).slice();
+      const l1Off = await this.#allocRun(Math.max(1, Math.ceil((l1Size * 8) / cs)));
+      await this.#fileWrite(l1Off, copy);
+      await this.#fileFlush();
+      let maxId = 0;
+      for (const s of this.#snapshots) {
+        const n = /^\d+/.exec(s.id);
+        if (n !== null) maxId = Math.max(maxId, Number(n[0]));
+      }
+      const ms = (options.date ?? new Date()).getTime();
+      const sn: Qcow2Snapshot = {
+        id: String(maxId + 1),
+        name,
+        l1TableOffset: l1Off,
+        l1Size,
+        dateSec: Math.floor(ms / 1000),
+        dateNsec: (ms % 1000) * 1e6,
+        vmClockNsec: 0,
+        vmStateSize: 0,
+        diskSize: this.#size,
+        icount: 0,
+        extraDataSize: 24,
+        unknownExtraData: new Uint8Array(0),
+      };
+      await this.#writeSnapshotTable([...this.#snapshots, sn]);
+      return sn;
+    });
+  }
+
+  /** The snapshot with ID `idOrName`, else the first with that name (QEMU's lookup for `-a` / `-l`). */
+  findSnapshot(idOrName: string): Qcow2Snapshot | undefined {
+    return this.#snapshots.find((s) => s.id === idOrName) ?? this.#snapshots.find((s) => s.name === idOrName);
+  }
+
+  /**
+   * Reverts the active state to a snapshot (QEMU `qcow2_snapshot_goto`): refcounts of what the snapshot
+   * reaches incremented, its L1 written over the active L1 (flushed), the old state's refcounts
+   * decremented, COPIED flags recomputed.
+   * @throws {BlkError} ENOENT for an unknown snapshot; ENOTSUP when its disk size differs
+   */
+  async applySnapshot(idOrName: string): Promise<void> {
+    return this.#snapshotOp(async () => {
+      const sn = this.findSnapshot(idOrName);
+      if (sn === undefined) throw new BlkError("ENOENT", "No such file or directory");
+      const l1Size = this.header.l1Size;
+      if (sn.diskSize !== this.#size || sn.l1Size > l1Size) {
+        throw new BlkError(
+          "ENOTSUP",
+          "qcow2: reverting to a snapshot of another disk size is not supported in this version of blk",
+        );
+      }
+      const next = new Uint8Array(l1Size * 8);
+      next.set(await this.readFile(sn.l1TableOffset, sn.l1Size * 8));
+      const nv = new DataView(next.buffer);
+      for (let i = 0; i < l1Size; i++) nv.setUint32(i * 8, (nv.getUint32(i * 8) & ~L1E_COPIED_HI) >>> 0);
+      const l1 = this.#activeL1;
+      const old = new Uint8Array(l1.buffer, l1.byteOffset, l1Size * 8).slice();
+      const inc = new Map<number, number>();
+      await this.#paths(nv, l1Size, inc, 1);
+      const dec = new Map<number, number>();
+      await this.#paths(new DataView(old.buffer), l1Size, dec, -1);
+      await this.#updateRefcounts(inc);
+      await this.#fileWrite(this.header.l1TableOffset, next);
+      await this.#fileFlush();
+      new Uint8Array(l1.buffer, l1.byteOffset, l1Size * 8).set(next);
+      this.#cache.clear();
+      this.#lastCompressed = undefined;
+      await this.#updateRefcounts(dec);
+      await this.#refreshCopied();
+    });
+  }
+
+  /**
+   * Deletes the first snapshot named `name` (QEMU `qcow2_snapshot_delete` as `qemu-img snapshot -d`
+   * calls it: by name only): the table rewritten without it, then the refcounts of what it reached and
+   * of its L1 table decremented, COPIED flags recomputed.
+   * @throws {BlkError} ENOENT "snapshot not found"
+   */
+  async deleteSnapshot(name: string): Promise<void> {
+    return this.#snapshotOp(async () => {
+      const cs = this.clusterSize;
+      const index = this.#snapshots.findIndex((s) => s.name === name);
+      const sn = this.#snapshots[index];
+      if (sn === undefined) throw new BlkError("ENOENT", "snapshot not found");
+      const l1 = await this.readFile(sn.l1TableOffset, sn.l1Size * 8);
+      const dec = new Map<number, number>();
+      await this.#paths(new DataView(l1.buffer), sn.l1Size, dec, -1);
+      const l1Clusters = Math.max(1, Math.ceil((sn.l1Size * 8) / cs));
+      for (let k = 0; k < l1Clusters; k++) {
+        const c = sn.l1TableOffset / cs + k;
+        dec.set(c, (dec.get(c) ?? 0) - 1);
+      }
+      await this.#writeSnapshotTable(this.#snapshots.filter((_, i) => i !== index));
+      await this.#updateRefcounts(dec);
+      this.#lastCompressed = undefined;
+      await this.#refreshCopied();
+    });
   }
 
   protected override async _flush(): Promise<void> {
@@ -923,6 +1435,12 @@ export class Qcow2State extends BlockDriverBase {
   async #closeWritable(): Promise<void> {
     if (this.#readOnly) return;
     await this.#locked(async () => {
+      const end = this.#freeByteOffset;
+      if (end % 512 !== 0) {
+        // As qemu-img after compressed writes: the file (when they end it) ends on a 512-byte boundary.
+        // The rest of that sector is unused: compressed data is appended in order within a host cluster.
+        await this.#fileWrite(end, new Uint8Array(512 - (end % 512)));
+      }
       await this.#fileFlush();
       if (this.#markedDirty) {
         this.header.incompatibleFeatures = (this.header.incompatibleFeatures & ~INCOMPAT_DIRTY) >>> 0;
@@ -1150,7 +1668,7 @@ export class Qcow2State extends BlockDriverBase {
       fileLength: this.#file.length,
       l1: this.#activeL1,
       reftable: this.#reftable,
-      snapshots: this.snapshots,
+      snapshots: this.#snapshots,
       snapshotsSize: this.#snapshotsSize,
       bitmaps: this.bitmaps,
       hasDataFile: this.#hasDataFile,
