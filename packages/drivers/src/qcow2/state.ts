@@ -142,7 +142,7 @@ export class Qcow2State extends BlockDriverBase {
   readonly #cache = new Map<number, Promise<DataView>>();
   #lastCompressed: { hi: number; lo: number; data: Uint8Array } | undefined;
   #preallocChecked: Promise<boolean> | undefined;
-  readonly #readOnly: boolean;
+  #readOnly: boolean;
   /** Refcount blocks read or written so far, by reftable index (write path; kept in sync with the file). */
   readonly #refblocks = new Map<number, Uint8Array>();
   readonly #refBits: number;
@@ -1429,6 +1429,32 @@ export class Qcow2State extends BlockDriverBase {
 
   protected override async _flush(): Promise<void> {
     if (!this.#readOnly) await this.#fileFlush();
+  }
+
+  /**
+   * QEMU's reopen between read-only and read-write (a job making a backing image its target). Going
+   * read-write refuses what a read-write open refuses (a corrupt or dirty image, a snapshot view); going
+   * read-only first writes back as a clean close does and clears the dirty bit this state set.
+   * @throws {BlkError} EACCES corrupt image; ENOTSUP dirty image; EROFS snapshot view
+   */
+  async reopen(changes: { readOnly: boolean }): Promise<void> {
+    if (changes.readOnly === this.#readOnly) return;
+    if (changes.readOnly) {
+      await this.#closeWritable();
+      this.#readOnly = true;
+      return;
+    }
+    if (this.snapshot !== undefined) throw new BlkError("EROFS", "qcow2: a snapshot view is read-only");
+    if ((this.header.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0) {
+      throw new BlkError("EACCES", "qcow2: Image is corrupt; cannot be opened read/write");
+    }
+    if (this.dirty) {
+      throw new BlkError(
+        "ENOTSUP",
+        "qcow2: the image was not closed cleanly (dirty bit set) and blk cannot repair it yet; run 'qemu-img check -r all' first",
+      );
+    }
+    this.#readOnly = false;
   }
 
   /** Clean close: flushes, then clears the dirty bit this state set (lazy refcounts). */
