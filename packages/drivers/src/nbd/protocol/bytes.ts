@@ -20,19 +20,22 @@ export class ByteQueue {
     this.#length += chunk.length;
   }
 
-  /** A contiguous view of the next `n` bytes (n ≤ length), without consuming them. */
-  peek(n: number): Uint8Array {
+  /**
+   * A contiguous view of the next `n` bytes (n ≤ length), without consuming them. When they straddle
+   * chunks they are copied into `alloc(n)` (default: a new zeroed array), which must be `n` bytes long.
+   */
+  peek(n: number, alloc?: (n: number) => Uint8Array): Uint8Array {
     const first = this.#chunks[0];
     if (first !== undefined && first.length - this.#head >= n)
       return first.subarray(this.#head, this.#head + n);
-    const out = new Uint8Array(n);
+    const out = alloc === undefined ? new Uint8Array(n) : alloc(n);
     this.#copyOut(out, n);
     return out;
   }
 
   /** Consumes and returns the next `n` bytes (n ≤ length): a view when contiguous, else one copy. */
-  take(n: number): Uint8Array {
-    const v = this.peek(n);
+  take(n: number, alloc?: (n: number) => Uint8Array): Uint8Array {
+    const v = this.peek(n, alloc);
     this.skip(n);
     return v;
   }

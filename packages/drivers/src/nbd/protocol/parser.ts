@@ -58,6 +58,12 @@ export interface NbdClientStreamParserOptions {
   maxOptionLength?: number;
   /** Largest WRITE payload; a longer one is a protocol error (the payload is never read). Default 32 MiB. */
   maxPayload?: number;
+  /**
+   * Allocates the buffer a WRITE payload is gathered into when it straddles received chunks (a payload
+   * inside one chunk is returned as a view of it). Must return exactly `n` bytes; they are overwritten.
+   * Default: a new zeroed array.
+   */
+  allocatePayload?: (n: number) => Uint8Array;
 }
 
 type ClientState =
@@ -82,10 +88,12 @@ export class NbdClientStreamParser {
   #q = new ByteQueue();
   #st: ClientState = { s: "flags" };
   #failed: NbdProtocolError | undefined;
+  #allocatePayload: ((n: number) => Uint8Array) | undefined;
 
   constructor(options: NbdClientStreamParserOptions = {}) {
     this.maxOptionLength = options.maxOptionLength ?? 65536;
     this.maxPayload = options.maxPayload ?? NBD_MAX_PAYLOAD;
+    this.#allocatePayload = options.allocatePayload;
   }
 
   /** Bytes buffered and not yet returned. */
@@ -199,7 +207,7 @@ export class NbdClientStreamParser {
         }
         case "write-data": {
           if (q.length < st.req.length) return undefined;
-          st.req.data = q.take(st.req.length);
+          st.req.data = q.take(st.req.length, this.#allocatePayload);
           this.#st = { s: "transmission" };
           return st.req;
         }

@@ -41,6 +41,7 @@ import {
 import { NbdProtocolError } from "../protocol/errors.ts";
 import { type NbdClientMessage, NbdClientStreamParser, type NbdRequest } from "../protocol/parser.ts";
 import type { NbdExport, NbdMetaContext } from "./export.ts";
+import type { BufferPool } from "./pool.ts";
 
 /** What a connection needs from its server. */
 export interface NbdConnectionHost {
@@ -49,6 +50,8 @@ export interface NbdConnectionHost {
   readonly maxInFlight: number;
   readonly maxOptions: number;
   readonly handshakeTimeoutMs: number;
+  /** Where READ data and gathered WRITE payloads are allocated. */
+  readonly bufferPool: BufferPool;
   /** The server is shutting down: options other than ABORT get `NBD_REP_ERR_SHUTDOWN`. */
   readonly shuttingDown: boolean;
   log(message: string): void;
@@ -104,7 +107,8 @@ export class NbdConnection {
   constructor(host: NbdConnectionHost, socket: Socket) {
     this.host = host;
     this.socket = socket;
-    this.#parser = new NbdClientStreamParser();
+    const pool = host.bufferPool;
+    this.#parser = new NbdClientStreamParser({ allocatePayload: (n) => pool.acquire(n) });
     socket.on("data", (chunk: Buffer) => this.#onData(chunk));
     socket.on("drain", () => {
       this.#writeBlocked = false;
@@ -218,13 +222,22 @@ export class NbdConnection {
     }
   }
 
-  #write(bufs: readonly Uint8Array[]): void {
+  /** Writes `bufs` in order (corked); `done` runs once the socket no longer needs them (or never took them). */
+  #write(bufs: readonly Uint8Array[], done?: () => void): void {
     const s = this.socket;
-    if (s.destroyed || !s.writable) return;
-    if (bufs.length > 1) s.cork();
+    if (s.destroyed || !s.writable) {
+      done?.();
+      return;
+    }
+    const n = bufs.length;
+    if (n > 1) s.cork();
     let ok = true;
-    for (const b of bufs) ok = s.write(b);
-    if (bufs.length > 1) s.uncork();
+    for (let i = 0; i < n; i++) {
+      const b = bufs[i] as Uint8Array;
+      // Stream callbacks run in order: the last chunk's runs once every chunk before it was written too.
+      ok = i === n - 1 && done !== undefined ? s.write(b, done) : s.write(b);
+    }
+    if (n > 1) s.uncork();
     if (!ok || s.writableNeedDrain) this.#writeBlocked = true;
   }
 
@@ -534,8 +547,11 @@ export class NbdConnection {
         return;
       }
       case NBD_CMD.WRITE: {
+        const data = req.data ?? new Uint8Array(0);
         this.#check(req, exp, 0, "write");
-        await edge.write(req.offset, req.data ?? new Uint8Array(0), { fua });
+        await edge.write(req.offset, data, { fua });
+        // Back to the pool only after success: a failed request may leave I/O on the buffer behind it.
+        this.host.bufferPool.release(data);
         this.#ok(req);
         return;
       }
@@ -582,12 +598,20 @@ export class NbdConnection {
   async #read(req: NbdRequest, exp: NbdExport, df: boolean): Promise<void> {
     const { offset, length, cookie } = req;
     const edge = exp.edge;
+    // Data buffers come from the pool and go back to it once written; after a failure they are dropped
+    // (a failed request may leave I/O on them behind it).
+    const pool = this.host.bufferPool;
     if (!this.#structured || df || length === 0) {
-      const buf = Buffer.allocUnsafeSlow(length);
+      if (this.#structured && length === 0) {
+        this.#write([encodeChunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE.NONE, cookie)]);
+        return;
+      }
+      const buf = pool.acquire(length);
       if (length > 0) await edge.readInto(offset, buf);
-      if (!this.#structured) this.#write([encodeSimpleReply(0, cookie), buf]);
-      else if (length === 0) this.#write([encodeChunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE.NONE, cookie)]);
-      else this.#write([encodeOffsetDataHeader(NBD_REPLY_FLAG_DONE, cookie, offset, length), buf]);
+      const head = this.#structured
+        ? encodeOffsetDataHeader(NBD_REPLY_FLAG_DONE, cookie, offset, length)
+        : encodeSimpleReply(0, cookie);
+      this.#write([head, buf], () => pool.release(buf));
       return;
     }
     // Sparse read: zero ranges become holes, the rest is read (all before anything is sent, so a failure
@@ -605,17 +629,21 @@ export class NbdConnection {
     const covered = runs.reduce((s, r) => s + r.length, 0);
     if (covered !== length) runs.splice(0, runs.length, { offset, length, zero: false });
     const out: Uint8Array[] = [];
+    const data: Uint8Array[] = [];
     for (const [i, r] of runs.entries()) {
       const flags = i === runs.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
       if (r.zero) {
         out.push(encodeOffsetHole(flags, cookie, r.offset, r.length));
       } else {
-        const buf = Buffer.allocUnsafeSlow(r.length);
+        const buf = pool.acquire(r.length);
         await edge.readInto(r.offset, buf);
         out.push(encodeOffsetDataHeader(flags, cookie, r.offset, r.length), buf);
+        data.push(buf);
       }
     }
-    this.#write(out);
+    this.#write(out, () => {
+      for (const b of data) pool.release(b);
+    });
   }
 
   async #blockStatus(req: NbdRequest, exp: NbdExport): Promise<void> {

@@ -8,6 +8,7 @@ import { createServer, type Server, type Socket } from "node:net";
 import { BlkError } from "@blk/core";
 import { NbdConnection, type NbdConnectionHost, type NbdConnectionInfo } from "./connection.ts";
 import { NbdExport, type NbdExportOptions } from "./export.ts";
+import { BufferPool } from "./pool.ts";
 
 /** Where to listen. */
 export type NbdListenAddress = { type: "unix"; path: string } | { type: "inet"; host: string; port: number };
@@ -46,6 +47,8 @@ export class NbdServer implements NbdConnectionHost {
   readonly maxInFlight: number;
   readonly maxOptions: number;
   readonly handshakeTimeoutMs: number;
+  /** @internal Payload buffers shared by the connections. */
+  readonly bufferPool: BufferPool = new BufferPool();
   #log: (message: string) => void;
   #exports = new Map<string, NbdExport>();
   #listeners: Server[] = [];
@@ -186,6 +189,7 @@ export class NbdServer implements NbdConnectionHost {
       await closed;
       for (const exp of this.#exports.values()) exp._release();
       this.#exports.clear();
+      this.bufferPool.clear();
     })();
     return this.#closing;
   }
