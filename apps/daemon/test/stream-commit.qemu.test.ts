@@ -83,6 +83,12 @@ describe.skipIf(missing.length > 0)("block-stream and block-commit", () => {
     ]);
     expect(io).not.toMatch(/Pattern verification failed/);
     expect((await run("qemu-img", ["check", dir.join("top.qcow2")])).code).toBe(0);
+    // The header no longer names a backing file, as QEMU leaves it after streaming the whole chain.
+    const info = JSON.parse(await ok("qemu-img", ["info", "--output=json", dir.join("top.qcow2")])) as Record<
+      string,
+      unknown
+    >;
+    expect(info).not.toHaveProperty("backing-filename");
   });
 
   it("block-commit of the middle layer puts its data into the base", async () => {
@@ -130,5 +136,25 @@ describe.skipIf(missing.length > 0)("block-stream and block-commit", () => {
     ]);
     expect(io).not.toMatch(/Pattern verification failed/);
     expect((await run("qemu-img", ["check", dir.join("base.qcow2")])).code).toBe(0);
+    // The overlay's header now names the base (QEMU writes the base's filename), and the chain reads through.
+    const info = JSON.parse(await ok("qemu-img", ["info", "--output=json", dir.join("top.qcow2")])) as Record<
+      string,
+      unknown
+    >;
+    expect(info["backing-filename"]).toBe(dir.join("base.qcow2"));
+    expect(info["backing-filename-format"]).toBe("qcow2");
+    const chainIo = await ok("qemu-io", [
+      "-f",
+      "qcow2",
+      "-c",
+      "read -P 0x11 0 64k",
+      "-c",
+      "read -P 0x22 1M 64k",
+      "-c",
+      "read -P 0x33 2M 64k",
+      dir.join("top.qcow2"),
+    ]);
+    expect(chainIo).not.toMatch(/Pattern verification failed/);
+    expect((await run("qemu-img", ["check", dir.join("top.qcow2")])).code).toBe(0);
   });
 });

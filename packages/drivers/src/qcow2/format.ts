@@ -42,6 +42,62 @@ const MAX_SNAPSHOT_EXTRA_DATA = 1024;
 const MAX_BITMAPS = 65535;
 const MAX_BITMAP_DIRECTORY_SIZE: number = 1024 * 65535;
 const MAX_BACKING_NAME = 1023;
+/**
+ * Rewrites the first cluster for a new backing file (QEMU's `change_backing_file`): every header extension
+ * is kept as it is except the backing-format one, which is replaced (first, where QEMU writes it) or dropped;
+ * then the end marker and the new name. Returns the bytes to write at offset 0 — as long as what they
+ * replace, so no stale name survives — and the new name's offset and length for the header fields.
+ * @throws {BlkError} EINVAL a name over QEMU's 1023-byte limit; ENOSPC when it all does not fit in cluster 0
+ */
+export function rewriteBackingHeader(
+  cluster0: Uint8Array,
+  h: Pick<Qcow2Header, "headerLength" | "backingFileOffset" | "backingFileSize">,
+  backingFile: string | undefined,
+  backingFormat: string | undefined,
+): Uint8Array {
+  const cs = cluster0.length;
+  const view = new DataView(cluster0.buffer, cluster0.byteOffset, cluster0.length);
+  const extEnd = h.backingFileOffset !== 0 ? h.backingFileOffset : cs;
+  const parts: Uint8Array[] = [cluster0.slice(0, h.headerLength)];
+  const ext = (type: number, data: Uint8Array): Uint8Array => {
+    const out = new Uint8Array(8 + Math.ceil(data.length / 8) * 8);
+    const dv = new DataView(out.buffer);
+    dv.setUint32(0, type);
+    dv.setUint32(4, data.length);
+    out.set(data, 8);
+    return out;
+  };
+  const name = backingFile === undefined ? new Uint8Array(0) : Buffer.from(backingFile, "utf8");
+  if (name.length > MAX_BACKING_NAME) throw einval("Backing file name too long");
+  if (backingFile !== undefined && backingFormat !== undefined) {
+    parts.push(ext(EXT_BACKING_FORMAT, Buffer.from(backingFormat, "latin1")));
+  }
+  for (let off = h.headerLength; off + 8 <= extEnd; ) {
+    const type = view.getUint32(off);
+    const len = view.getUint32(off + 4);
+    if (type === EXT_END) break;
+    const total = 8 + Math.ceil(len / 8) * 8;
+    if (off + total > extEnd) throw einval("Header extension too large");
+    if (type !== EXT_BACKING_FORMAT) parts.push(cluster0.slice(off, off + total));
+    off += total;
+  }
+  parts.push(new Uint8Array(8));
+  const extBytes = parts.reduce((n, b) => n + b.length, 0);
+  if (extBytes + name.length > cs) throw new BlkError("ENOSPC", "Not enough space for the backing file name");
+  const oldEnd = h.backingFileOffset !== 0 ? h.backingFileOffset + h.backingFileSize : extBytes;
+  const out = new Uint8Array(Math.max(extBytes + name.length, oldEnd));
+  let at = 0;
+  for (const b of parts) {
+    out.set(b, at);
+    at += b.length;
+  }
+  out.set(name, at);
+  const dv = new DataView(out.buffer);
+  dv.setBigUint64(8, BigInt(name.length === 0 ? 0 : at));
+  dv.setUint32(16, name.length);
+  return out;
+}
+
 /** A snapshot table entry's fixed part. */
 const SNAPSHOT_HEADER_SIZE = 40;
 

@@ -36,6 +36,7 @@ import {
   type Qcow2Bitmap,
   type Qcow2Header,
   type Qcow2Snapshot,
+  rewriteBackingHeader,
   serializeSnapshots,
 } from "./format.ts";
 
@@ -1429,6 +1430,28 @@ export class Qcow2State extends BlockDriverBase {
 
   protected override async _flush(): Promise<void> {
     if (!this.#readOnly) await this.#fileFlush();
+  }
+
+  /**
+   * Writes a new backing file name and format into the header (QEMU's `change_backing_file`), as stream and
+   * commit do when they re-point a chain; `undefined` removes the backing file. Only the header changes:
+   * the node's backing child is the graph's business.
+   * @throws {BlkError} EROFS read-only; EINVAL/ENOSPC when the name does not fit
+   */
+  async changeBackingFile(filename: string | undefined, format: string | undefined): Promise<void> {
+    if (this.#readOnly) throw new BlkError("EROFS", "qcow2: the image is open read-only");
+    await this.#locked(async () => {
+      const h = this.header;
+      const c0 = await this.readFile(0, this.clusterSize);
+      const bytes = rewriteBackingHeader(c0, h, filename, format);
+      await this.#fileWrite(0, bytes);
+      await this.#fileFlush();
+      const v = new DataView(bytes.buffer, bytes.byteOffset, bytes.length);
+      h.backingFileOffset = Number(v.getBigUint64(8));
+      h.backingFileSize = v.getUint32(16);
+      h.backingFile = filename;
+      h.backingFormat = filename === undefined ? undefined : format;
+    });
   }
 
   /**
