@@ -42,6 +42,36 @@ export const ERRNO = {
   ECANCELED: 125,
 } as const;
 
+/** glibc's `strerror` text of each code (QEMU prints these, e.g. in a failed job's `error`). */
+const STRERROR: Readonly<Record<keyof typeof ERRNO, string>> = {
+  EPERM: "Operation not permitted",
+  ENOENT: "No such file or directory",
+  EIO: "Input/output error",
+  EAGAIN: "Resource temporarily unavailable",
+  ENOMEM: "Cannot allocate memory",
+  EACCES: "Permission denied",
+  EBUSY: "Device or resource busy",
+  EEXIST: "File exists",
+  EINVAL: "Invalid argument",
+  EFBIG: "File too large",
+  ENOSPC: "No space left on device",
+  EROFS: "Read-only file system",
+  EOVERFLOW: "Value too large for defined data type",
+  ENOTSUP: "Operation not supported",
+  ESHUTDOWN: "Cannot send after transport endpoint shutdown",
+  ETIMEDOUT: "Connection timed out",
+  ENOMEDIUM: "No medium found",
+  ECANCELED: "Operation canceled",
+};
+
+/**
+ * The Linux `strerror` text of `code`, as QEMU prints it.
+ * @example strerror("EIO") // "Input/output error"
+ */
+export function strerror(code: BlkErrorCode): string {
+  return STRERROR[code];
+}
+
 /** The stable string codes a {@link BlkError} carries. */
 export type BlkErrorCode = keyof typeof ERRNO;
 

@@ -43,6 +43,7 @@ export {
   type BlkErrorOptions,
   ERRNO,
   isBlkError,
+  strerror,
   toBlkError,
 } from "./errors.ts";
 export { FilterDriverState, filterDriver } from "./filter.ts";

@@ -2,7 +2,11 @@
  * Job errors. A refused verb or a failed job lookup carries QEMU's exact message and the QMP error class
  * QEMU answers with, so a QMP server can forward it as `{"error": {"class": qmpClass, "desc": message}}`.
  */
-import { BlkError, type BlkErrorCode, type BlkErrorOptions } from "@blk/core";
+import { BlkError, type BlkErrorCode, type BlkErrorOptions, strerror } from "@blk/core";
+
+/** The Linux `strerror` text of a code (from `@blk/core`, re-exported for existing users). */
+export { strerror };
+
 import type { JobStatus, JobVerb } from "./types.ts";
 
 /** The QMP error classes job commands answer with. */
@@ -46,33 +50,6 @@ export const isJobError = (v: unknown, code?: BlkErrorCode): v is JobError =>
 /** `Job 'ID' in state 'S' cannot accept command verb 'V'` (GenericError, EPERM). */
 export function verbError(id: string, status: JobStatus, verb: JobVerb): JobError {
   return new JobError("EPERM", `Job '${id}' in state '${status}' cannot accept command verb '${verb}'`);
-}
-
-/** Linux `strerror` texts for the codes jobs report (QEMU puts these in `error` when a job has no message). */
-const STRERROR: Partial<Record<BlkErrorCode, string>> = {
-  EPERM: "Operation not permitted",
-  ENOENT: "No such file or directory",
-  EIO: "Input/output error",
-  EAGAIN: "Resource temporarily unavailable",
-  ENOMEM: "Cannot allocate memory",
-  EACCES: "Permission denied",
-  EBUSY: "Device or resource busy",
-  EEXIST: "File exists",
-  EINVAL: "Invalid argument",
-  EFBIG: "File too large",
-  ENOSPC: "No space left on device",
-  EROFS: "Read-only file system",
-  EOVERFLOW: "Value too large for defined data type",
-  ENOTSUP: "Operation not supported",
-  ESHUTDOWN: "Cannot send after transport endpoint shutdown",
-  ETIMEDOUT: "Connection timed out",
-  ENOMEDIUM: "No medium found",
-  ECANCELED: "Operation canceled",
-};
-
-/** The Linux `strerror` text of `code`, e.g. `"Input/output error"` for `EIO`. */
-export function strerror(code: BlkErrorCode): string {
-  return STRERROR[code] ?? code;
 }
 
 /**

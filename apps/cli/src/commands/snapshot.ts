@@ -4,7 +4,7 @@
  * lists with qemu-img's fixed-width table (nothing at all without snapshots); `-c` creates (duplicate
  * names allowed), `-a` reverts (ID or name), `-d` deletes (name only). Success prints nothing.
  */
-import { BlkError, type BlockNode } from "@blk/core";
+import { BlkError, type BlockNode, strerror as codeText } from "@blk/core";
 import type { Context } from "../context.ts";
 import { CliError, messageOf, usage } from "../errors.ts";
 import { getopt } from "../getopt.ts";
@@ -37,30 +37,7 @@ function snapshotState(node: BlockNode): SnapshotState | undefined {
     : undefined;
 }
 
-/** glibc's strerror for the errno values blk uses. */
-const STRERROR: Readonly<Record<string, string>> = {
-  EPERM: "Operation not permitted",
-  ENOENT: "No such file or directory",
-  EIO: "Input/output error",
-  EAGAIN: "Resource temporarily unavailable",
-  ENOMEM: "Cannot allocate memory",
-  EACCES: "Permission denied",
-  EBUSY: "Device or resource busy",
-  EEXIST: "File exists",
-  EINVAL: "Invalid argument",
-  EFBIG: "File too large",
-  ENOSPC: "No space left on device",
-  EROFS: "Read-only file system",
-  EOVERFLOW: "Value too large for defined data type",
-  ENOTSUP: "Operation not supported",
-  ESHUTDOWN: "Cannot send after transport endpoint shutdown",
-  ETIMEDOUT: "Connection timed out",
-  ENOMEDIUM: "No medium found",
-  ECANCELED: "Operation canceled",
-};
-
-const strerror = (e: unknown): string =>
-  e instanceof BlkError ? (STRERROR[e.code] ?? e.message) : messageOf(e);
+const strerror = (e: unknown): string => (e instanceof BlkError ? codeText(e.code) : messageOf(e));
 
 const two = (n: number): string => String(n).padStart(2, "0");
 

@@ -20,6 +20,7 @@ import {
   ERRNO,
   type OpenContext,
   PERM_ALL,
+  strerror,
   type WriteFlags,
   type ZeroFlags,
 } from "@blk/core";
@@ -193,17 +194,6 @@ export function codeOfErrno(errno: number): BlkErrorCode {
   return CODE_BY_ERRNO.get(errno) ?? "EIO";
 }
 
-const STRERROR: Partial<Record<BlkErrorCode, string>> = {
-  EIO: "Input/output error",
-  ENOSPC: "No space left on device",
-  EPERM: "Operation not permitted",
-  EINVAL: "Invalid argument",
-  EAGAIN: "Resource temporarily unavailable",
-  ENOMEM: "Cannot allocate memory",
-  EROFS: "Read-only file system",
-  ENOTSUP: "Operation not supported",
-};
-
 /** The open state of a `blkdebug` node. */
 export class BlkdebugState extends BlockDriverBase {
   readonly #image: Edge;
@@ -319,7 +309,7 @@ export class BlkdebugState extends BlockDriverBase {
       if (r.nth !== undefined && r.seen !== r.nth) continue;
       r.hits++;
       if (r.once) this.#remove(r);
-      const msg = STRERROR[r.code] ?? "Input/output error";
+      const msg = strerror(r.code);
       throw new BlkError(r.code, msg, { offset });
     }
   }

@@ -2,20 +2,8 @@
  * Error helpers of the NBD client: wire errno and option error replies to {@link BlkError}s, and the
  * connection-level failure every pending request gets when the connection dies.
  */
-import { BlkError, type BlkErrorCode } from "@blk/core";
+import { BlkError, type BlkErrorCode, strerror } from "@blk/core";
 import { blkErrorCodeOfNbd, NBD_REP, optionName } from "../protocol/index.ts";
-
-/** Linux strerror() texts of the errno values the NBD wire can carry. */
-const STRERROR: Partial<Record<BlkErrorCode, string>> = {
-  EPERM: "Operation not permitted",
-  EIO: "Input/output error",
-  ENOMEM: "Cannot allocate memory",
-  EINVAL: "Invalid argument",
-  ENOSPC: "No space left on device",
-  EOVERFLOW: "Value too large for defined data type",
-  ENOTSUP: "Operation not supported",
-  ESHUTDOWN: "Cannot send after transport endpoint shutdown",
-};
 
 /**
  * The per-request error for an NBD wire error value (unknown values are EINVAL, as the spec asks); the
@@ -23,7 +11,7 @@ const STRERROR: Partial<Record<BlkErrorCode, string>> = {
  */
 export function requestError(errno: number, message: string, offset?: number): BlkError {
   const code = blkErrorCodeOfNbd(errno);
-  const text = message === "" ? (STRERROR[code] ?? "Invalid argument") : message;
+  const text = message === "" ? strerror(code) : message;
   return new BlkError(code, text, offset === undefined ? {} : { offset });
 }
 
