@@ -1,6 +1,6 @@
 /**
  * Command-line number parsing: exact values. Acceptance and rejection were checked against qemu-storage-daemon
- * in qapi-cmdline.test.ts; the size values here are checked against it with BLK_QAPI_QEMU=1 (a vhost-user-blk
+ * in qapi-cmdline.test.ts; the size values here are checked against it against it unless BLK_QAPI_QEMU=0 (a vhost-user-blk
  * export reports the logical block size it parsed when that size is not a power of two).
  */
 import { missingPeers, run } from "@blk/testkit";
@@ -151,7 +151,7 @@ describe("command-line numbers", () => {
   });
 });
 
-const live = process.env.BLK_QAPI_QEMU === "1" && missingPeers(["qemu-storage-daemon"]).length === 0;
+const live = process.env.BLK_QAPI_QEMU !== "0" && missingPeers(["qemu-storage-daemon"]).length === 0;
 
 describe.skipIf(!live)("size values against the real qemu-storage-daemon", () => {
   it("parses to the same byte counts", async () => {
