@@ -1,7 +1,7 @@
 /**
  * Command-line validation (keyval visitor, and the JSON form of an option) against the exact messages of
  * qemu-storage-daemon 7.2.22. Every row was taken from the real binary (`qemu-storage-daemon --OPTION ARG`);
- * the opt-in block at the end (skipped with BLK_QAPI_QEMU=0) replays the whole table against it when it is installed.
+ * the block at the end (skipped with BLK_QAPI_QEMU=0) replays the whole table against it when it is installed.
  */
 import { missingPeers, run } from "@blk/testkit";
 import { describe, expect, it } from "vitest";
@@ -338,7 +338,7 @@ describe("command-line validation matches qemu-storage-daemon 7.2", () => {
   });
 });
 
-// Opt-in (skipped with BLK_QAPI_QEMU=0): ~130 daemon start-ups. (A `qemu` tag would be the convention, but the package's own
+// Live unless BLK_QAPI_QEMU=0: ~130 daemon start-ups (a few seconds). (A `qemu` tag would be the convention, but the package's own
 // vitest config defines no tags, so a tagged test fails under `pnpm -F @blk/qmp exec vitest`.)
 const live = process.env.BLK_QAPI_QEMU !== "0" && missingPeers(["qemu-storage-daemon"]).length === 0;
 
