@@ -338,8 +338,7 @@ describe("command-line validation matches qemu-storage-daemon 7.2", () => {
   });
 });
 
-// Live unless BLK_QAPI_QEMU=0: ~130 daemon start-ups (a few seconds). (A `qemu` tag would be the convention, but the package's own
-// vitest config defines no tags, so a tagged test fails under `pnpm -F @blk/qmp exec vitest`.)
+// Live unless BLK_QAPI_QEMU=0: ~130 daemon start-ups (a few seconds).
 const live = process.env.BLK_QAPI_QEMU !== "0" && missingPeers(["qemu-storage-daemon"]).length === 0;
 
 describe.skipIf(!live)("the same table against the real qemu-storage-daemon", () => {

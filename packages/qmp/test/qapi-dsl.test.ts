@@ -1,7 +1,7 @@
 /**
  * The schema DSL itself: composition (base, extend, union extend, lazy recursion), declaration errors, type
- * inference, and introspection (compared member by member with qemu-storage-daemon's query-qmp-schema when
- * unless BLK_QAPI_QEMU=0).
+ * inference, and introspection (compared member by member with qemu-storage-daemon's query-qmp-schema when it
+ * is installed, unless BLK_QAPI_QEMU=0).
  */
 import { missingPeers, run } from "@blk/testkit";
 import { describe, expect, expectTypeOf, it } from "vitest";
