@@ -18,6 +18,8 @@ export interface OpenArgs {
   forceShare?: boolean;
   /** Take the resize permission. */
   resize?: boolean;
+  /** Flushes stop at the page cache (`-t unsafe`, qemu-img convert's default for the target). */
+  cacheNoFlush?: boolean;
   /** Called with QEMU's warnings (the probed-raw warning). */
   onWarning?: (message: string) => void;
   /** Exit code of an open failure (default 1; `compare` uses 2). */
@@ -118,6 +120,7 @@ export async function openImg(a: OpenArgs): Promise<OpenedImage> {
       readOnly: a.readOnly,
       forceShare: (a.forceShare ?? false) && a.readOnly,
       resize: a.resize ?? false,
+      cacheNoFlush: a.cacheNoFlush ?? false,
       ...(a.onWarning === undefined ? {} : { onWarning: a.onWarning }),
     });
   } catch (e) {

@@ -2,6 +2,7 @@
 import { isBlkError } from "@blk/core";
 import { makeTempDir, missingPeers, run } from "@blk/testkit";
 import { expect, it } from "vitest";
+import { openImage } from "../src/index.ts";
 import { createQcow2, openQcow2 } from "../src/qcow2/index.ts";
 
 it("a read-only qcow2 node becomes writable after reopen, and read-only again", async () => {
@@ -27,4 +28,16 @@ it("a read-only qcow2 node becomes writable after reopen, and read-only again", 
     const io = await run("qemu-io", ["-f", "qcow2", "-c", "read -P 0x5a 0 4k", path]);
     expect(io.stdout).not.toMatch(/Pattern verification failed/);
   }
+});
+
+it("openImage passes cache.no-flush to a qcow2 image and its file node (qemu-img convert's unsafe target)", async () => {
+  await using dir = makeTempDir("qcow2-noflush");
+  const path = dir.join("b.qcow2");
+  await createQcow2({ filename: path, size: 1 << 20 });
+  await using img = await openImage(path, { cacheNoFlush: true });
+  expect(img.format).toBe("qcow2");
+  expect(img.node.options.cacheNoFlush).toBe(true);
+  expect(img.node.children.get("file")?.child.options.cacheNoFlush).toBe(true);
+  await img.root.write(0, new Uint8Array(65536).fill(1));
+  await img.root.flush();
 });

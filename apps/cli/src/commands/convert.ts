@@ -45,6 +45,7 @@ export async function convert(args: readonly string[], ctx: Context): Promise<nu
   let noCreate = false;
   let workers = 8;
   let imageOpts = false;
+  let targetCache = "unsafe";
   let targetImageOpts = false;
   let targetIsZero = false;
   let forceShare = false;
@@ -110,6 +111,7 @@ export async function convert(args: readonly string[], ctx: Context): Promise<nu
       }
       case "t":
         checkCacheMode(o.value);
+        targetCache = o.value;
         break;
       case "T":
         checkCacheMode(o.value, true);
@@ -187,6 +189,8 @@ export async function convert(args: readonly string[], ctx: Context): Promise<nu
       format: targetImageOpts ? undefined : format,
       imageOpts: targetImageOpts,
       readOnly: false,
+      // qemu-img convert writes its target with cache=unsafe unless -t says otherwise: no flushes.
+      cacheNoFlush: targetCache === "unsafe",
     });
     opened.push(dst);
     if (noCreate && dst.node.length < total) throw new CliError("output file is smaller than input file");

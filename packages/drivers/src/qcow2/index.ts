@@ -268,6 +268,8 @@ export interface OpenQcow2Options {
   forceShare?: boolean;
   /** Image locking of the `file` nodes (default `auto`). */
   locking?: "auto" | "on" | "off";
+  /** `cache.no-flush=on` (QEMU's `unsafe` cache mode, qemu-img convert's default for its target). */
+  cacheNoFlush?: boolean;
   /** Do not open the backing file (`backing: null`). */
   noBacking?: boolean;
   /** Driver options of the qcow2 nodes. */
@@ -317,7 +319,11 @@ export async function openQcow2(filename: string, options: OpenQcow2Options = {}
   const opened: BlockNode[] = [];
   const chain: BlockNode[] = [];
   const maxDepth = options.maxDepth ?? 64;
-  const nodeOpts = { readOnly: true, forceShare: options.forceShare ?? false };
+  const nodeOpts = {
+    readOnly: true,
+    forceShare: options.forceShare ?? false,
+    cacheNoFlush: options.cacheNoFlush ?? false,
+  };
 
   const writable = options.writable ?? false;
   const openFile = async (name: string, top = false): Promise<BlockNode> => {

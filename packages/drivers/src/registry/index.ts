@@ -313,6 +313,7 @@ export async function openImage(
         const img = await openQcow2(filenameOrOptions, {
           graph,
           writable: !readOnly,
+          cacheNoFlush: options.cacheNoFlush ?? false,
           ...(options.discard === undefined ? {} : { discard: options.discard }),
           forceShare: options.forceShare ?? false,
           ...(options.locking === undefined ? {} : { locking: options.locking }),
