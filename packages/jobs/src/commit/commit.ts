@@ -30,6 +30,7 @@ import {
   findBackingImage,
   lookupNode,
   nodeFilename,
+  openJobFilter,
   skipFilters,
 } from "../stream/chain.ts";
 import type { BlockdevOnError, IoOperationType } from "../types.ts";
@@ -390,25 +391,11 @@ export async function commit(
   checkNodeNotBusy(device);
 
   const reopenedRw = await ensureWritable(base);
-  const restoreRo = async (): Promise<void> => {
-    if (reopenedRw) await base.reopen({ readOnly: true }).catch(() => undefined);
-  };
-  const filterName = options["filter-node-name"];
-  let filter: BlockNode;
-  try {
-    filter = await graph.openFilterAbove(commitTopDriver, {}, top, {
-      childName: "backing",
-      ...(filterName === undefined ? {} : { nodeName: filterName }),
-    });
-  } catch (e) {
-    await restoreRo();
-    throw e;
-  }
-  const removeFilter = async (): Promise<void> => {
-    graph.replaceNode(filter, top);
-    await graph.delete(filter, { force: true });
-    await restoreRo();
-  };
+  const { filter, remove: removeFilter } = await openJobFilter(graph, commitTopDriver, {}, top, {
+    childName: "backing",
+    nodeName: options["filter-node-name"],
+    reopenedRw: reopenedRw ? base : undefined,
+  });
   let job: CommitJob;
   try {
     job = new CommitJob({

@@ -3,7 +3,7 @@
  * chain through filters, the backing file name QEMU would write into an overlay's header, the optional
  * driver hook that writes it, and re-pointing one backing edge (QEMU's `bdrv_set_backing_hd`).
  */
-import { type BlockNode, type Edge, toBlkError } from "@blk/core";
+import { type BlockDriver, type BlockGraph, type BlockNode, type Edge, toBlkError } from "@blk/core";
 import { JobError } from "../errors.ts";
 
 /**
@@ -163,4 +163,46 @@ export async function ensureWritable(node: BlockNode): Promise<boolean> {
   }
   await node.reopen({ readOnly: false });
   return true;
+}
+
+/** A job's filter node while the job starts: {@link JobFilter.remove} undoes everything the start did. */
+export interface JobFilter {
+  readonly filter: BlockNode;
+  /** Puts `below` back under the filter's parents, deletes the filter, and undoes the read-write reopen. */
+  remove(): Promise<void>;
+}
+
+/**
+ * Opens a job's filter (`copy-on-read`, `commit_top`) above `below`, taking over its parents. `reopenedRw`
+ * is a node the caller made writable for the job (see {@link ensureWritable}): it goes back to read-only
+ * when opening the filter fails and when the filter is removed.
+ */
+export async function openJobFilter<O>(
+  graph: BlockGraph,
+  driver: BlockDriver<O>,
+  driverOptions: O,
+  below: BlockNode,
+  opts: { childName?: string; nodeName?: string | undefined; reopenedRw?: BlockNode | undefined },
+): Promise<JobFilter> {
+  const restoreRo = async (): Promise<void> => {
+    await opts.reopenedRw?.reopen({ readOnly: true }).catch(() => undefined);
+  };
+  let filter: BlockNode;
+  try {
+    filter = await graph.openFilterAbove(driver, driverOptions, below, {
+      ...(opts.childName === undefined ? {} : { childName: opts.childName }),
+      ...(opts.nodeName === undefined ? {} : { nodeName: opts.nodeName }),
+    });
+  } catch (e) {
+    await restoreRo();
+    throw e;
+  }
+  return {
+    filter,
+    remove: async () => {
+      graph.replaceNode(filter, below);
+      await graph.delete(filter, { force: true });
+      await restoreRo();
+    },
+  };
 }

@@ -21,6 +21,7 @@ import {
   lookupDevice,
   lookupNode,
   nodeFilename,
+  openJobFilter,
   repointEdge,
   skipFilters,
 } from "./chain.ts";
@@ -298,27 +299,13 @@ export async function stream(
   bottom ??= intermediates.filter((n) => n.driver.kind !== "filter").at(-1) ?? skipFilters(device);
 
   const reopenedRw = await ensureWritable(device);
-  const restoreRo = async (): Promise<void> => {
-    if (reopenedRw) await device.reopen({ readOnly: true }).catch(() => undefined);
-  };
-  const filterName = options["filter-node-name"];
-  let filter: BlockNode;
-  try {
-    filter = await graph.openFilterAbove(
-      copyOnReadDriver,
-      { bottom: bottom.nodeName },
-      device,
-      filterName === undefined ? {} : { nodeName: filterName },
-    );
-  } catch (e) {
-    await restoreRo();
-    throw e;
-  }
-  const removeFilter = async (): Promise<void> => {
-    graph.replaceNode(filter, device);
-    await graph.delete(filter, { force: true });
-    await restoreRo();
-  };
+  const { filter, remove: removeFilter } = await openJobFilter(
+    graph,
+    copyOnReadDriver,
+    { bottom: bottom.nodeName },
+    device,
+    { nodeName: options["filter-node-name"], reopenedRw: reopenedRw ? device : undefined },
+  );
   let job: StreamJob;
   try {
     job = new StreamJob({
