@@ -1,45 +1,15 @@
 import { writeFileSync } from "node:fs";
 import { truncate } from "node:fs/promises";
-import { BlockGraph, type BlockNode, type BlockStatusExtent, backendParent, PERM } from "@blk/core";
+import type { BlockNode, BlockStatusExtent } from "@blk/core";
 import { makeTempDir, missingPeers, pattern, run } from "@blk/testkit";
 import { afterAll, describe, expect, it } from "vitest";
 import { fileDriver } from "../src/file/index.ts";
-import { rawChildRole, rawDriver } from "../src/raw/index.ts";
+import { openRaw, sparseFiles } from "./raw-helpers.ts";
 
 const dir = makeTempDir("blk-raw");
 afterAll(() => dir.dispose());
+const sparse = sparseFiles(dir);
 let n = 0;
-
-async function sparse(size: number): Promise<string> {
-  const p = dir.join(`r${n++}.img`);
-  writeFileSync(p, "");
-  await truncate(p, size);
-  return p;
-}
-
-async function openRaw(
-  filename: string,
-  raw: { offset?: number; size?: number } = {},
-  discard: "unmap" | "ignore" = "ignore",
-) {
-  const graph = new BlockGraph();
-  const file = await graph.open(fileDriver, { filename }, { discard, owned: false });
-  const node = await graph.open(rawDriver, raw, {
-    discard,
-    children: { file: { node: file, role: rawChildRole(raw) } },
-  });
-  const root = graph.attach(backendParent(), node, { name: "root", perm: PERM.CONSISTENT_READ | PERM.WRITE });
-  return {
-    graph,
-    file,
-    node,
-    root,
-    close: async () => {
-      root.detach();
-      await graph.delete(node);
-    },
-  };
-}
 
 /** `qemu-img map --output=json` text from blk's block status (QEMU 7.2 format, merged as qemu-img merges). */
 async function mapJson(node: BlockNode): Promise<string> {

@@ -1,45 +1,12 @@
-import { writeFileSync } from "node:fs";
-import { truncate } from "node:fs/promises";
-import { BlockGraph, backendParent, CHILD_ROLE, PERM } from "@blk/core";
+import { CHILD_ROLE, PERM } from "@blk/core";
 import { makeTempDir, pattern, sha256 } from "@blk/testkit";
 import { afterAll, describe, expect, it } from "vitest";
-import { fileDriver } from "../src/file/index.ts";
 import { checkRawWindow, rawChildRole, rawDriver, rawSchema } from "../src/raw/index.ts";
+import { openRaw, sparseFiles } from "./raw-helpers.ts";
 
 const dir = makeTempDir("blk-raw");
 afterAll(() => dir.dispose());
-let n = 0;
-
-async function sparse(size: number): Promise<string> {
-  const p = dir.join(`r${n++}.img`);
-  writeFileSync(p, "");
-  await truncate(p, size);
-  return p;
-}
-
-async function openRaw(
-  filename: string,
-  raw: { offset?: number; size?: number } = {},
-  discard: "unmap" | "ignore" = "ignore",
-) {
-  const graph = new BlockGraph();
-  const file = await graph.open(fileDriver, { filename }, { discard, owned: false });
-  const node = await graph.open(rawDriver, raw, {
-    discard,
-    children: { file: { node: file, role: rawChildRole(raw) } },
-  });
-  const root = graph.attach(backendParent(), node, { name: "root", perm: PERM.CONSISTENT_READ | PERM.WRITE });
-  return {
-    graph,
-    file,
-    node,
-    root,
-    close: async () => {
-      root.detach();
-      await graph.delete(node);
-    },
-  };
-}
+const sparse = sparseFiles(dir);
 
 describe("raw driver", () => {
   it("passes I/O to the file and round-trips data", async () => {
