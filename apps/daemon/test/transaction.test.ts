@@ -98,7 +98,9 @@ it("grouped backups with manual finalize: both pend, finalizing one finalizes bo
     properties: { "completion-mode": "grouped" },
   });
   log.mark("return");
-  expect(await log.settled()).toEqual([
+  // The jobs may reach WAITING before this reads the log: compare up to the return only.
+  const early = await log.settled();
+  expect(early.slice(0, early.indexOf("return") + 1)).toEqual([
     "created:tb1",
     "created:tb2",
     "running:tb1",
