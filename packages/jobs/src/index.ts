@@ -15,6 +15,9 @@ export { errnoError, isJobError, JobError, type JobQmpClass, strerror, verbError
 export { isWellFormedId, Job, type JobOptions, JobTxn } from "./job.ts";
 export { type JobEventListener, JobManager, type JobManagerOptions } from "./manager.ts";
 export {
+  MIRROR_AUTO_RATIO,
+  MIRROR_AUTO_WINDOW_NS,
+  MIRROR_AUTO_WINDOWS,
   MIRROR_DEFAULT_BUF_SIZE,
   MIRROR_MAX_IN_FLIGHT,
   MIRROR_MAX_IO_BYTES,
@@ -23,6 +26,7 @@ export {
   type MirrorJobInit,
   type MirrorOptions,
   type MirrorSyncMode,
+  type MirrorXBlkCopyMode,
   mirror,
 } from "./mirror/mirror.ts";
 export {

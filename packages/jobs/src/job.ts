@@ -14,6 +14,7 @@ import { errnoError, JobError, verbError } from "./errors.ts";
 import type { JobManager } from "./manager.ts";
 import {
   type JobInfo,
+  type JobInfoExtensions,
   type JobOutcome,
   type JobStatus,
   type JobType,
@@ -557,8 +558,8 @@ export abstract class Job {
   }
 
   /** The `x-blk-` fields (phase, ETA in seconds). */
-  protected extensionInfo(): { "x-blk-phase"?: string; "x-blk-eta-seconds"?: number } {
-    const out: { "x-blk-phase"?: string; "x-blk-eta-seconds"?: number } = {};
+  protected extensionInfo(): JobInfoExtensions {
+    const out: JobInfoExtensions = {};
     if (this.#phase !== undefined) out["x-blk-phase"] = this.#phase;
     const remaining = this.#total - this.#current;
     if (this.#started && !this.isCompleted()) {

@@ -164,8 +164,17 @@ export type JobEventName = JobEvent["event"];
 export interface JobInfoExtensions {
   /** The phase the job reports (driver-defined, e.g. `"copy"`, `"scan"`). */
   "x-blk-phase"?: string;
-  /** Estimated seconds until `current-progress` reaches `total-progress`, when it can be estimated. */
+  /**
+   * Estimated seconds until `current-progress` reaches `total-progress`, when it can be estimated (mirror:
+   * until the dirty bitmap is clean, from the copy and dirty rates; absent while it does not converge).
+   */
   "x-blk-eta-seconds"?: number;
+  /** Mirror: the copy mode in effect (`background` until an `x-blk-copy-mode: auto` job switched). */
+  "x-blk-copy-mode"?: "background" | "write-blocking";
+  /** Mirror: bytes per second newly dirtied by guest writes over the last measurement window. */
+  "x-blk-dirty-rate"?: number;
+  /** Mirror: bytes per second the background copy completed over the last measurement window. */
+  "x-blk-copy-rate"?: number;
 }
 
 /** One entry of `query-jobs` (QEMU's `JobInfo`). */

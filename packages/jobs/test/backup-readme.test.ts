@@ -27,7 +27,7 @@ it("README backup example", async () => {
     "bitmap-mode": "on-success", // b0 restarts from the backup's point in time
   });
   console.log(vm.child.driver.format); // "copy-before-write": the filter took over the VM's edge
-  await vm.write(0, new Uint8Array(512).fill(7)); // the old cluster reaches bk before this write lands
+  await vm.write(0, new Uint8Array(512).fill(7)); // the old cluster is kept for bk before this write lands
   console.log(await job.outcome); // { status: "completed" }
   console.log(disk.getBitmap("b0")?.count()); // 65536: only the write made during the backup
   // --- README backup example end

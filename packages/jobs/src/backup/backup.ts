@@ -24,7 +24,11 @@ import { errnoError } from "../errors.ts";
 import type { JobTxn } from "../job.ts";
 import type { JobManager } from "../manager.ts";
 import type { BlockdevOnError } from "../types.ts";
-import { type CopyBeforeWriteState, copyBeforeWriteDriver } from "./copy-before-write.ts";
+import {
+  CBW_DEFAULT_BUFFER_SIZE,
+  type CopyBeforeWriteState,
+  copyBeforeWriteDriver,
+} from "./copy-before-write.ts";
 
 /** QEMU's `BackupSyncMode` as backup accepts it (`incremental` = `bitmap` with `on-success`). */
 export type BackupSyncMode = "top" | "full" | "none" | "incremental" | "bitmap";
@@ -69,6 +73,17 @@ export interface BlockdevBackup {
   /** Node name of the `copy-before-write` filter (default: a generated `#blockNNN`). */
   "filter-node-name"?: string;
   "x-perf"?: BackupPerf;
+  /**
+   * blk extension: bytes of old data copies before guest writes may hold in memory while their target
+   * writes run (default {@link CBW_DEFAULT_BUFFER_SIZE}, 16 MiB; 0 = QEMU's behaviour: a guest write
+   * waits until its old data is on the target). Not used when fleecing.
+   */
+  "x-blk-cbw-buffer-size"?: number;
+  /**
+   * blk extension: milliseconds a guest write may wait for its copy before the job gives up the point in
+   * time instead (the write proceeds, the job fails with `ETIMEDOUT`); 0 (default) = no cap.
+   */
+  "x-blk-max-guest-stall"?: number;
 }
 
 /** {@link BlockdevBackup} plus what the library needs. */
@@ -160,7 +175,17 @@ export class BackupJob extends BlockJob {
       this.progressWorkDone(p.bytes - p.skipped);
       this.progressSetRemaining(this.#remaining() - p.bytes);
     };
+    cbw.hooks.onBufferedEvent = () => {
+      // A broken snapshot stops the background copy at once; a failed buffered write wakes a sync=none job.
+      if (cbw.snapshotError !== undefined) cbw.engine.cancel();
+      this.enter();
+    };
     this.progressSetRemaining(cbw.copyBitmap.count());
+  }
+
+  /** The `copy-before-write` filter's state (buffer statistics, fleecing flag). */
+  get cbw(): CopyBeforeWriteState {
+    return this.#cbw;
   }
 
   /** The backup cluster size (bytes per bit of the copy bitmap). */
@@ -182,7 +207,8 @@ export class BackupJob extends BlockJob {
   }
 
   #remaining(): number {
-    return this.#cbw.copyBitmap.count() + this.#cbw.engine.stats.bufferBytesInFlight;
+    const cbw = this.#cbw;
+    return cbw.copyBitmap.count() + cbw.engine.stats.bufferBytesInFlight + cbw.bufferedBytes;
   }
 
   protected async run(): Promise<void> {
@@ -196,11 +222,50 @@ export class BackupJob extends BlockJob {
       if (this.isCancelled()) return;
     }
     if (this.sync === "none") {
-      // Nothing to copy in the background: the filter keeps the point in time until the job is cancelled.
-      while (!this.isCancelled()) await this.suspend();
+      // Nothing to copy in the background: the filter keeps the point in time until the job is cancelled
+      // (retrying buffered copies whose target write failed, under the target error policy).
+      while (!this.isCancelled()) {
+        this.#checkSnapshot();
+        if (this.#cbw.bufferedError !== undefined) {
+          await this.#flushBuffered();
+          continue;
+        }
+        await this.suspend();
+      }
       return;
     }
     await this.#copyLoop();
+  }
+
+  /** Fails the job once a stall cap broke the point in time. */
+  #checkSnapshot(): void {
+    const err = this.#cbw.snapshotError;
+    if (err !== undefined) throw errnoError(err.code, { cause: err });
+  }
+
+  /**
+   * Writes the buffered copies to the target (QEMU has none: see `x-blk-cbw-buffer-size`). A failed
+   * target write goes through `on-target-error` like a background one: `report` fails the job, `ignore`
+   * retries it from memory at once, `stop` pauses the job and retries on resume.
+   */
+  async #flushBuffered(): Promise<void> {
+    const cbw = this.#cbw;
+    for (;;) {
+      if (this.isCancelled()) return;
+      const err = cbw.bufferedError;
+      if (err !== undefined) {
+        const action = this.errorAction(this.onTargetError, "write", err);
+        if (action === "report") throw errnoError(err.code, { cause: err });
+        if (action === "stop") await this.pausePoint();
+        if (this.isCancelled()) return;
+      }
+      try {
+        await cbw.flushBuffered();
+        return;
+      } catch {
+        // recorded on the copy again: the next round applies the policy to it
+      }
+    }
   }
 
   /** sync=top: clear the clusters the source node itself does not allocate (pause points in between). */
@@ -237,6 +302,7 @@ export class BackupJob extends BlockJob {
     };
     for (;;) {
       if (this.isCancelled()) return;
+      this.#checkSnapshot();
       failed = undefined;
       try {
         await engine.run();
@@ -257,8 +323,15 @@ export class BackupJob extends BlockJob {
       }
       this.progressSetRemaining(this.#remaining());
       if (this.isCancelled()) return;
+      this.#checkSnapshot();
       if (copyBitmap.count() > 0) continue;
-      if (engine.stats.inFlight === 0) return;
+      if (engine.stats.inFlight === 0) {
+        // Copies before guest writes may still hold old data in memory: the target is complete once
+        // they have all landed.
+        if (cbw.bufferedCopies === 0) return;
+        await this.#flushBuffered();
+        continue;
+      }
       // Copies before guest writes are still running: wait for them (one that failed set its bits again,
       // and the next pass copies them).
       try {
@@ -393,6 +466,14 @@ export async function createBackupJob(manager: JobManager, options: BackupOption
   if (!(maxChunk >= 0)) {
     throw new BlkError("EINVAL", "max-chunk must be zero (which means no limit) or positive");
   }
+  const bufferSize = options["x-blk-cbw-buffer-size"] ?? CBW_DEFAULT_BUFFER_SIZE;
+  if (!(Number.isSafeInteger(bufferSize) && bufferSize >= 0)) {
+    throw new BlkError("EINVAL", "x-blk-cbw-buffer-size must be zero (which means no buffering) or positive");
+  }
+  const maxStallMs = options["x-blk-max-guest-stall"] ?? 0;
+  if (!(Number.isFinite(maxStallMs) && maxStallMs >= 0)) {
+    throw new BlkError("EINVAL", "x-blk-max-guest-stall must be zero (which means no limit) or positive");
+  }
   const { bitmap, mode } = plan;
   return source.drained(async () => {
     if (bitmap !== undefined && mode !== "never") bitmap.check("default");
@@ -409,6 +490,8 @@ export async function createBackupJob(manager: JobManager, options: BackupOption
           skipUnallocated: plan.sync === "top",
           maxWorkers,
           maxChunk,
+          bufferSize,
+          maxGuestStallNs: Math.round(maxStallMs * 1e6),
           clock: manager.clock,
           ...(options.onWarning === undefined ? {} : { onWarning: options.onWarning }),
         },

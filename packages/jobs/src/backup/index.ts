@@ -13,6 +13,9 @@ export {
 export {
   BACKUP_CLUSTER_SIZE_DEFAULT,
   backupClusterSize,
+  CBW_DEFAULT_BUFFER_SIZE,
+  CBW_GUEST_ACTIVE_WORKERS,
+  type CbwBufferStats,
   type CopyBeforeWriteHooks,
   type CopyBeforeWriteOptions,
   CopyBeforeWriteState,

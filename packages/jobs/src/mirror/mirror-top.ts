@@ -51,6 +51,8 @@ export class MirrorTopState extends FilterDriverState {
    * straight to this node (their permissions were checked when they entered the filter).
    */
   redirect: BlockNode | undefined;
+  /** Told how many bytes (whole granules) each background-mode guest write newly dirtied. */
+  onDirtied: ((bytes: number) => void) | undefined;
   #inFlight = 0;
   #idle: (() => void)[] = [];
   #gate: Promise<void> | undefined;
@@ -106,7 +108,11 @@ export class MirrorTopState extends FilterDriverState {
       } finally {
         // Conservative, as QEMU: mark also when the write failed.
         const b = this.bitmap;
-        if (b !== undefined && !b.released && req.bytes > 0) b.setDirty(req.offset, req.bytes);
+        if (b !== undefined && !b.released && req.bytes > 0) {
+          const before = this.onDirtied === undefined ? 0 : b.count();
+          b.setDirty(req.offset, req.bytes);
+          if (this.onDirtied !== undefined) this.onDirtied(b.count() - before);
+        }
       }
     } finally {
       this.#inFlight--;

@@ -24,7 +24,7 @@ import { BlockJob, checkNodeNotBusy } from "../block-job.ts";
 import { errnoError, JobError } from "../errors.ts";
 import type { JobManager } from "../manager.ts";
 import { BLOCK_JOB_SLICE_NS, type RateLimitLike } from "../ratelimit.ts";
-import type { BlockdevOnError, IoOperationType } from "../types.ts";
+import type { BlockdevOnError, IoOperationType, JobInfoExtensions } from "../types.ts";
 import {
   type MirrorGuestWrite,
   type MirrorTopClient,
@@ -37,6 +37,24 @@ export type MirrorSyncMode = "full" | "top" | "none" | "incremental" | "bitmap";
 
 /** QEMU's `MirrorCopyMode`. */
 export type MirrorCopyMode = "background" | "write-blocking";
+
+/**
+ * blk's `x-blk-copy-mode`: QEMU's two modes, or `auto` — start in `background` and switch to
+ * `write-blocking` once the guest dirties as fast as the copy drains (see {@link MIRROR_AUTO_RATIO}).
+ */
+export type MirrorXBlkCopyMode = MirrorCopyMode | "auto";
+
+/** Length of one rate-measurement window of the mirror (job clock): 1 s. */
+export const MIRROR_AUTO_WINDOW_NS = 1_000_000_000;
+/** Consecutive windows `auto` looks at before it switches: 3. */
+export const MIRROR_AUTO_WINDOWS = 3;
+/**
+ * `auto` switches to write-blocking when, over the last {@link MIRROR_AUTO_WINDOWS} windows (none of
+ * them paused), the bytes newly dirtied by the guest reach this fraction of the bytes copied (the backlog
+ * drains at less than a tenth of the copy rate, or grows), something was newly dirtied, and the backlog
+ * is not empty.
+ */
+export const MIRROR_AUTO_RATIO = 0.9;
 
 /** Most background copy operations in flight (QEMU's `MAX_IN_FLIGHT`). */
 export const MIRROR_MAX_IN_FLIGHT = 16;
@@ -69,6 +87,15 @@ export interface MirrorOptions {
   "filter-node-name"?: string;
   /** `background` (default) or `write-blocking` (guest writes go to both sides before they complete). */
   "copy-mode"?: MirrorCopyMode;
+  /**
+   * blk extension: `background`, `write-blocking` or `auto` (background that turns write-blocking when
+   * it does not converge). Replaces `copy-mode`; giving both with different values is refused.
+   */
+  "x-blk-copy-mode"?: MirrorXBlkCopyMode;
+  /** Rate window in nanoseconds of the job clock (default {@link MIRROR_AUTO_WINDOW_NS}). */
+  autoWindowNs?: number;
+  /** Windows `auto` looks at (default {@link MIRROR_AUTO_WINDOWS}). */
+  autoWindows?: number;
   /** Default true. */
   "auto-finalize"?: boolean;
   /** Default true. */
@@ -126,7 +153,9 @@ export interface MirrorJobInit {
   type?: "mirror" | "commit";
   granularity: number;
   bufSize: number;
-  copyMode: MirrorCopyMode;
+  copyMode: MirrorXBlkCopyMode;
+  autoWindowNs?: number;
+  autoWindows?: number;
   onSourceError: BlockdevOnError;
   onTargetError: BlockdevOnError;
   unmap: boolean;
@@ -157,8 +186,8 @@ export class MirrorJob extends BlockJob {
   readonly granularity: number;
   /** Buffer bytes in flight (a multiple of the granularity). */
   readonly bufSize: number;
-  /** The copy mode. */
-  readonly copyMode: MirrorCopyMode;
+  /** The copy mode asked for (`auto` is a blk extension). */
+  readonly requestedCopyMode: MirrorXBlkCopyMode;
   /** Error policies. */
   readonly onSourceError: BlockdevOnError;
   readonly onTargetError: BlockdevOnError;
@@ -178,6 +207,13 @@ export class MirrorJob extends BlockJob {
   #activelySynced = false;
   #switched = false;
   #lastYield = 0;
+  #mode: MirrorCopyMode;
+  readonly #windowNs: number;
+  readonly #windows: number;
+  #window = { start: 0, dirtied: 0, copied: 0, paused: false };
+  #history: { dirtied: number; copied: number; paused: boolean }[] = [];
+  #rates: { dirty: number; copy: number } | undefined;
+  #switchedAt: number | undefined;
 
   /** @internal Use {@link mirror}. */
   constructor(init: MirrorJobInit) {
@@ -198,7 +234,10 @@ export class MirrorJob extends BlockJob {
     this.sync = init.sync;
     this.granularity = init.granularity;
     this.bufSize = init.bufSize;
-    this.copyMode = init.copyMode;
+    this.requestedCopyMode = init.copyMode;
+    this.#mode = init.copyMode === "write-blocking" ? "write-blocking" : "background";
+    this.#windowNs = Math.max(1, init.autoWindowNs ?? MIRROR_AUTO_WINDOW_NS);
+    this.#windows = Math.max(1, Math.floor(init.autoWindows ?? MIRROR_AUTO_WINDOWS));
     this.onSourceError = init.onSourceError;
     this.onTargetError = init.onTargetError;
     this.unmap = init.unmap;
@@ -213,6 +252,24 @@ export class MirrorJob extends BlockJob {
         g,
       ),
     );
+  }
+
+  /** The copy mode in effect: `background` until an `auto` job switched (or for write-blocking jobs). */
+  get copyMode(): MirrorCopyMode {
+    return this.#mode;
+  }
+
+  /** Job-clock time (ns) at which an `auto` job switched to write-blocking, if it did. */
+  get autoSwitchedAt(): number | undefined {
+    return this.#switchedAt;
+  }
+
+  /**
+   * Rates of the last complete measurement window, in bytes per second: `dirty` = bytes newly dirtied by
+   * guest writes (whole granules that were clean), `copy` = bytes the background copy completed.
+   */
+  get rates(): { dirty: number; copy: number } | undefined {
+    return this.#rates;
   }
 
   /** The job's dirty bitmap (anonymous, on the filter node). */
@@ -254,6 +311,7 @@ export class MirrorJob extends BlockJob {
   }
 
   protected override async onPause(): Promise<void> {
+    this.#window.paused = true;
     await this.#waitAllOps();
   }
 
@@ -271,13 +329,17 @@ export class MirrorJob extends BlockJob {
       throw new BlkError("EINVAL", "Source and target image have different sizes");
     }
     this.#copying = true;
-    if (this.copyMode === "write-blocking") this.#top.client = this.#activeClient();
+    if (this.#mode === "write-blocking") this.#top.client = this.#activeClient();
+    this.#top.onDirtied = (bytes) => {
+      this.#window.dirtied += bytes;
+    };
     try {
       if (this.sync !== "none") await this.#dirtyInit(len);
       if (this.isCancelled() || this.#failure !== undefined) return await this.#stop();
       await this.#loop();
     } finally {
       this.#copying = false;
+      this.#top.onDirtied = undefined;
     }
   }
 
@@ -326,9 +388,11 @@ export class MirrorJob extends BlockJob {
 
   async #loop(): Promise<void> {
     this.#lastYield = this.clock.now();
+    this.#window = { start: this.clock.now(), dirtied: 0, copied: 0, paused: false };
     for (;;) {
       await this.pausePoint();
       if (this.isCancelled() || this.#failure !== undefined) return await this.#stop();
+      this.#sample();
       const cnt = this.#bitmap.count();
       this.progressSetRemaining(this.#inFlightBytes() + cnt);
       const bg = this.opsInFlight;
@@ -357,7 +421,7 @@ export class MirrorJob extends BlockJob {
       if (!this.isReady()) {
         if (!(await this.#flushTarget())) continue;
         this.setPhase("ready");
-        if (this.copyMode === "write-blocking") this.#activelySynced = true;
+        if (this.#mode === "write-blocking") this.#activelySynced = true;
         this.transitionToReady();
       }
       if (this.#shouldComplete || this.cancelRequested) {
@@ -367,6 +431,57 @@ export class MirrorJob extends BlockJob {
       await this.sleep(BLOCK_JOB_SLICE_NS);
       this.#lastYield = this.clock.now();
     }
+  }
+
+  /**
+   * Closes the measurement window when it is over: updates the rates and, for `auto` in background mode,
+   * switches to write-blocking when the last windows show no convergence ({@link MIRROR_AUTO_RATIO}).
+   */
+  #sample(): void {
+    const now = this.clock.now();
+    const w = this.#window;
+    const elapsed = now - w.start;
+    if (elapsed < this.#windowNs) return;
+    this.#rates = { dirty: (w.dirtied * 1e9) / elapsed, copy: (w.copied * 1e9) / elapsed };
+    this.#history.push({ dirtied: w.dirtied, copied: w.copied, paused: w.paused });
+    if (this.#history.length > this.#windows) this.#history.shift();
+    this.#window = { start: now, dirtied: 0, copied: 0, paused: false };
+    if (this.requestedCopyMode !== "auto" || this.#mode !== "background") return;
+    const h = this.#history;
+    if (h.length < this.#windows || h.some((x) => x.paused)) return;
+    let dirtied = 0;
+    let copied = 0;
+    for (const x of h) {
+      dirtied += x.dirtied;
+      copied += x.copied;
+    }
+    const backlog = this.#bitmap.count() + this.#inFlightBytes();
+    if (dirtied > 0 && backlog > 0 && dirtied >= MIRROR_AUTO_RATIO * copied) this.#switchToWriteBlocking();
+  }
+
+  /** From now on guest writes go to both sides; what is dirty already is copied by the loop. */
+  #switchToWriteBlocking(): void {
+    this.#mode = "write-blocking";
+    this.#switchedAt = this.clock.now();
+    this.#top.client = this.#activeClient();
+    this.setPhase(this.isReady() ? "ready" : "copy");
+  }
+
+  /** The `x-blk-` fields: phase, effective copy mode, rates and the ETA to a clean bitmap. */
+  protected override extensionInfo(): JobInfoExtensions {
+    const out: JobInfoExtensions = { ...super.extensionInfo(), "x-blk-copy-mode": this.#mode };
+    delete out["x-blk-eta-seconds"];
+    const r = this.#rates;
+    if (r !== undefined && !this.isCompleted()) {
+      out["x-blk-dirty-rate"] = Math.round(r.dirty);
+      out["x-blk-copy-rate"] = Math.round(r.copy);
+      const backlog = this.#bitmap.released ? 0 : this.#bitmap.count() + this.#inFlightBytes();
+      // Write-blocking: guest writes no longer add to the backlog.
+      const net = r.copy - (this.#mode === "write-blocking" ? 0 : r.dirty);
+      if (backlog === 0) out["x-blk-eta-seconds"] = 0;
+      else if (net > 0) out["x-blk-eta-seconds"] = backlog / net;
+    }
+    return out;
   }
 
   /** Holds guest writes; if still clean, flushes the target and keeps them held until the job's exit. */
@@ -490,6 +605,7 @@ export class MirrorJob extends BlockJob {
         }
       }
       this.progressWorkDone(bytes);
+      this.#window.copied += bytes;
     } catch (e) {
       this.#bitmap.setDirty(offset, bytes);
       this.#opError(e instanceof OpFailure ? e : new OpFailure("read", toBlkError(e)));
@@ -784,6 +900,14 @@ export async function mirror(
   } else {
     granularity = await target.defaultBitmapGranularity();
   }
+  const xMode = options["x-blk-copy-mode"];
+  if (xMode !== undefined && !["background", "write-blocking", "auto"].includes(xMode)) {
+    throw new JobError("EINVAL", "Parameter 'x-blk-copy-mode' does not accept value '" + String(xMode) + "'");
+  }
+  if (xMode !== undefined && options["copy-mode"] !== undefined && options["copy-mode"] !== xMode) {
+    throw new JobError("EINVAL", "'copy-mode' and 'x-blk-copy-mode' disagree: give one of them");
+  }
+  const copyMode: MirrorXBlkCopyMode = xMode ?? options["copy-mode"] ?? "background";
   const requestedBuf = options["buf-size"] ?? 0;
   if (requestedBuf < 0 || !Number.isSafeInteger(requestedBuf))
     throw new JobError("EINVAL", "Invalid parameter 'buf-size'");
@@ -823,7 +947,9 @@ export async function mirror(
       sync,
       granularity,
       bufSize,
-      copyMode: options["copy-mode"] ?? "background",
+      copyMode,
+      ...(options.autoWindowNs === undefined ? {} : { autoWindowNs: options.autoWindowNs }),
+      ...(options.autoWindows === undefined ? {} : { autoWindows: options.autoWindows }),
       onSourceError: options["on-source-error"] ?? "report",
       onTargetError: options["on-target-error"] ?? "report",
       unmap: options.unmap ?? true,
