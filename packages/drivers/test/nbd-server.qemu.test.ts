@@ -90,7 +90,7 @@ describe.skipIf(missing.length > 0)("NbdServer interop", { timeout: 60_000 }, ()
       can_fast_zero: true,
       can_flush: true,
       can_fua: true,
-      can_multi_conn: false,
+      can_multi_conn: true,
       can_trim: true,
       can_zero: true,
       block_size_minimum: 1,
@@ -274,7 +274,7 @@ describe.skipIf(missing.length > 0)("NbdServer interop", { timeout: 60_000 }, ()
     });
     peers.push(q);
     const node = await graph.open(fileDriver, { filename: file }, { nodeName: "same", readOnly: true });
-    server.addExport({ name: "same", node });
+    server.addExport({ name: "same", node, multiConn: false });
     try {
       const theirs = await run("nbdinfo", ["--map", uri(qsock, "same")], { timeoutMs: 15_000 });
       const ours = await run("nbdinfo", ["--map", uri(sock, "same")], { timeoutMs: 15_000 });
@@ -342,7 +342,7 @@ describe.skipIf(missing.length > 0)("NbdServer interop", { timeout: 60_000 }, ()
     await mtop.writeZeroes(4 * MiB, MiB);
     await mtop.write(6 * MiB, new Uint8Array(65536).fill(0x22));
     b0.disable();
-    server.addExport({ name: "chain", node: mtop, allocationDepth: true, bitmaps: ["b0"] });
+    server.addExport({ name: "chain", node: mtop, allocationDepth: true, bitmaps: ["b0"], multiConn: false });
     try {
       for (const ctx of ["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0"]) {
         const theirs = await run("nbdinfo", [`--map=${ctx}`, uri(qsock, "chain")], { timeoutMs: 15_000 });

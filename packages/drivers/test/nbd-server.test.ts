@@ -60,12 +60,14 @@ beforeAll(async () => {
     description: "test export",
     allocationDepth: true,
     bitmaps: ["b0"],
+    // The transcripts are qemu-nbd's (default --shared=1: no MULTI_CONN).
+    multiConn: false,
   });
   goldenSock = join(dir.path, "golden.sock");
   await golden.listen({ type: "unix", path: goldenSock });
   server = new NbdServer({ maxInFlight: 4 });
-  server.addExport({ name: "exp1", node: exp1, description: "test export" });
-  server.addExport({ name: "rw", node: rw, writable: true });
+  server.addExport({ name: "exp1", node: exp1, description: "test export", multiConn: false });
+  server.addExport({ name: "rw", node: rw, writable: true, multiConn: false });
   sock = join(dir.path, "s.sock");
   await server.listen({ type: "unix", path: sock });
 });

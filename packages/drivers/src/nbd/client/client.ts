@@ -1,5 +1,6 @@
 /**
- * `NbdClient`: one NBD connection. Fixed-newstyle handshake (`NBD_OPT_STRUCTURED_REPLY`,
+ * `NbdClient`: one NBD connection. Fixed-newstyle handshake (with `tls`, `NBD_OPT_STARTTLS` and the TLS
+ * handshake first, on the same socket; then `NBD_OPT_STRUCTURED_REPLY`,
  * `NBD_OPT_SET_META_CONTEXT`, `NBD_OPT_GO` asking for `NBD_INFO_BLOCK_SIZE`, `NBD_OPT_EXPORT_NAME` only when
  * GO is unsupported), then pipelined transmission: requests are matched to replies by cookie, the number
  * in flight is bounded, socket backpressure is obeyed, and READ/WRITE are split at the server's maximum
@@ -12,9 +13,10 @@
  *
  * References: NetworkBlockDevice/nbd `doc/proto.md` — "Fixed newstyle negotiation", "Option types",
  * "Structured reply chunk message", "Request types", "Size constraints", "Error values",
- * "Metadata querying"; /work/shared/spec/nbd.md §2–§10.
+ * "Metadata querying", "TLS support"; /work/shared/spec/nbd.md §2–§11.
  */
 import { connect as netConnect, type Socket } from "node:net";
+import { type TLSSocket, connect as tlsConnect } from "node:tls";
 import { BlkError } from "@blk/core";
 import {
   decodeBlockStatus,
@@ -49,6 +51,7 @@ import {
   type NbdServerMessage,
   NbdServerStreamParser,
 } from "../protocol/index.ts";
+import { type TlsCreds, tlsHandshakeError } from "../tls.ts";
 import { connectionLost, optionError, requestError } from "./errors.ts";
 
 /** Where the server listens: QEMU's flat `SocketAddress` subset (`port` may be a string, as in QAPI). */
@@ -78,7 +81,16 @@ export interface NbdClientOptions {
    * declared dead (default 0 = never). One watchdog timer, refreshed by every byte received.
    */
   requestTimeoutMs?: number;
+  /**
+   * TLS: `NBD_OPT_STARTTLS` first, then the TLS handshake with client credentials, then the usual
+   * haggling over TLS. `hostname` is what an x509 server certificate must name (default: the inet host;
+   * QEMU's `tls-hostname`).
+   */
+  tls?: { creds: TlsCreds; hostname?: string };
 }
+
+/** Largest payload gathered in the client's reused scratch buffer; larger ones get their own. */
+const SCRATCH_MAX = 4 << 20;
 
 /** Flags of {@link NbdClient.read}. */
 export interface NbdReadFlags {
@@ -222,7 +234,10 @@ function openSocket(address: NbdServerAddress, timeoutMs: number): Promise<Socke
 export class NbdClient implements AsyncDisposable {
   /** Export name as requested. */
   readonly exportName: string;
-  readonly #socket: Socket;
+  #socket: Socket;
+  readonly #tlsOptions: NbdClientOptions["tls"];
+  readonly #server: NbdServerAddress;
+  #encrypted = false;
   readonly #parser: NbdServerStreamParser;
   readonly #maxInFlight: number;
   readonly #requestTimeoutMs: number;
@@ -239,6 +254,7 @@ export class NbdClient implements AsyncDisposable {
   #contexts = new Map<string, number>();
   #contextNames = new Map<number, string>();
   #usedGo = true;
+  #scratch = new Uint8Array(0);
 
   // handshake receive
   #waiter: { resolve: (m: NbdServerMessage) => void; reject: (e: Error) => void } | undefined;
@@ -261,6 +277,8 @@ export class NbdClient implements AsyncDisposable {
   private constructor(socket: Socket, options: NbdClientOptions) {
     this.exportName = options.export ?? "";
     this.#socket = socket;
+    this.#tlsOptions = options.tls;
+    this.#server = options.server;
     this.#maxInFlight = Math.max(1, options.maxInFlight ?? 16);
     this.#requestTimeoutMs = options.requestTimeoutMs ?? 0;
     this.#wantStructured = options.structuredReplies ?? true;
@@ -270,13 +288,30 @@ export class NbdClient implements AsyncDisposable {
         const p = this.#pending.get(cookie);
         return p !== undefined && p.type === NBD_CMD.READ ? p.length : undefined;
       },
+      // Replies are dispatched (copied or decoded) before the parser is asked for the next message, so
+      // payloads can share one scratch buffer instead of a new allocation each (large ones excepted).
+      allocatePayload: (n) => {
+        if (n > SCRATCH_MAX) return new Uint8Array(n);
+        if (this.#scratch.length < n) this.#scratch = new Uint8Array(Math.max(n, 2 * this.#scratch.length));
+        return this.#scratch.subarray(0, n);
+      },
     });
-    this.#socketClosed = new Promise((resolve) => socket.once("close", () => resolve()));
-    socket.on("data", (chunk: Buffer) => this.#onData(chunk));
-    socket.on("error", (e) => this.#fail(connectionLost(`NBD connection failed: ${e.message}`, e)));
-    socket.on("close", () => {
-      if (this.#phase !== "closed") this.#fail(connectionLost("Connection closed by the NBD server"));
-    });
+    this.#socketClosed = this.#listen(socket);
+  }
+
+  #onSocketData = (chunk: Buffer): void => this.#onData(chunk);
+  #onSocketError = (e: Error): void => this.#fail(connectionLost(`NBD connection failed: ${e.message}`, e));
+  #onSocketClose = (): void => {
+    if (this.#phase !== "closed") this.#fail(connectionLost("Connection closed by the NBD server"));
+  };
+
+  /** Attaches the receive path to `socket`; resolves when it closes. */
+  #listen(socket: Socket): Promise<void> {
+    const closed = new Promise<void>((resolve) => socket.once("close", () => resolve()));
+    socket.on("data", this.#onSocketData);
+    socket.on("error", this.#onSocketError);
+    socket.on("close", this.#onSocketClose);
+    return closed;
   }
 
   /**
@@ -393,6 +428,11 @@ export class NbdClient implements AsyncDisposable {
     return this.#structured && this.#contexts.size > 0;
   }
 
+  /** The connection is encrypted (STARTTLS succeeded). */
+  get tls(): boolean {
+    return this.#encrypted;
+  }
+
   /** Requests sent and not yet answered. */
   get inFlight(): number {
     return this.#pending.size;
@@ -493,6 +533,12 @@ export class NbdClient implements AsyncDisposable {
     this.#send(
       encodeClientFlags((fixed ? NBD_FLAG_C.FIXED_NEWSTYLE : 0) | (noZeroes ? NBD_FLAG_C.NO_ZEROES : 0)),
     );
+    if (this.#tlsOptions !== undefined) {
+      if (!fixed) throw new BlkError("ENOTSUP", "Server does not support STARTTLS");
+      const { final } = await this.#option(NBD_OPT.STARTTLS);
+      if (final.type !== NBD_REP.ACK) throw this.#optionFailure(final);
+      await this.#startTls(this.#tlsOptions);
+    }
     if (!fixed) {
       await this.#exportNameFallback(noZeroes);
       return;
@@ -545,6 +591,44 @@ export class NbdClient implements AsyncDisposable {
     if (!sawExport)
       throw new NbdProtocolError("UNEXPECTED", "NBD_OPT_GO acknowledged without NBD_INFO_EXPORT");
     this.#enterTransmission();
+  }
+
+  /** Runs the TLS handshake over the current socket and moves the receive path onto the TLS socket. */
+  async #startTls(options: NonNullable<NbdClientOptions["tls"]>): Promise<void> {
+    if (this.#parser.buffered > 0)
+      throw new NbdProtocolError("UNEXPECTED", "server sent data after acknowledging STARTTLS");
+    const hostname = options.hostname ?? (this.#server.type === "inet" ? this.#server.host : undefined);
+    const tlsOptions = options.creds.clientOptions(hostname);
+    const raw = this.#socket;
+    raw.off("data", this.#onSocketData);
+    raw.off("error", this.#onSocketError);
+    raw.off("close", this.#onSocketClose);
+    // The raw socket's own failures now surface through the TLS socket.
+    raw.on("error", () => {});
+    const t: TLSSocket = tlsConnect({ ...tlsOptions, socket: raw });
+    this.#socket = t;
+    await new Promise<void>((resolve, reject) => {
+      const onError = (e: Error): void => {
+        t.off("secureConnect", onSecure);
+        t.off("close", onClose);
+        reject(tlsHandshakeError(e));
+      };
+      const onClose = (): void => {
+        t.off("secureConnect", onSecure);
+        t.off("error", onError);
+        reject(this.#failed ?? tlsHandshakeError(new Error("The TLS connection was closed")));
+      };
+      const onSecure = (): void => {
+        t.off("error", onError);
+        t.off("close", onClose);
+        resolve();
+      };
+      t.once("error", onError);
+      t.once("close", onClose);
+      t.once("secureConnect", onSecure);
+    });
+    this.#socketClosed = this.#listen(t);
+    this.#encrypted = true;
   }
 
   #setBlockSize(minimum: number, preferred: number, maximum: number): void {

@@ -1,7 +1,15 @@
 /**
  * The `nbd` protocol driver: a block node backed by an export of an NBD server, over {@link NbdClient}.
  * Options are QEMU's `BlockdevOptionsNbd`: `server` (flat `SocketAddress`, `inet` or `unix`), `export`,
- * `x-dirty-bitmap`, `reconnect-delay`, `open-timeout`; `tls-creds` is refused with ENOTSUP for now.
+ * `x-dirty-bitmap`, `reconnect-delay`, `open-timeout`, `tls-creds` (the id of client credentials in the
+ * driver's credentials map, {@link tlsCredentials} by default; see ../tls.ts) and `tls-hostname`.
+ *
+ * blk's own `x-multi-conn` (default 1, as QEMU 7.2's nbd driver, which has one connection) opens up to
+ * that many connections when the server advertises `NBD_FLAG_CAN_MULTI_CONN` (one otherwise): requests
+ * go round-robin over the live ones, a flush goes to all of them (MULTI_CONN makes one enough; all is
+ * cheap and does not lean on the server getting MULTI_CONN right), and each reconnects on its own.
+ * Default 1 because one connection with 16 requests in flight already keeps a local server busy; more
+ * help servers that work one request at a time per connection, or links with high latency.
  *
  * Mapping to the node's requests (as QEMU's nbd driver does): write-zeroes sends NO_HOLE unless the caller
  * allows unmapping and FAST_ZERO for `noFallback`; FUA is sent when the server supports it, else the write
@@ -29,6 +37,7 @@ import {
   rejectUnexpected,
 } from "../../registry/options.ts";
 import { META_BASE_ALLOCATION, NBD_STATE } from "../protocol/index.ts";
+import type { TlsCreds } from "../tls.ts";
 import { NbdClient, type NbdClientOptions, type NbdServerAddress } from "./client.ts";
 
 /** `BlockdevOptionsNbd` (QEMU's names). */
@@ -37,9 +46,9 @@ export interface NbdOptions {
   server: NbdServerAddress;
   /** Export name (default `""`). */
   export?: string;
-  /** TLS credentials object id: not supported yet (open fails with ENOTSUP). */
+  /** Id of client TLS credentials (`tls-creds-psk`/`tls-creds-x509` objects): STARTTLS, then TLS only. */
   "tls-creds"?: string;
-  /** TLS host name (only meaningful with `tls-creds`). */
+  /** Host name an x509 server certificate must name (default: `server.host`; needed on unix sockets). */
   "tls-hostname"?: string;
   /** A metadata context (`qemu:dirty-bitmap:NAME`, `qemu:allocation-depth`) read instead of `base:allocation`. */
   "x-dirty-bitmap"?: string;
@@ -47,6 +56,8 @@ export interface NbdOptions {
   "reconnect-delay"?: number;
   /** Seconds `open` keeps retrying to connect (default 0: one attempt). */
   "open-timeout"?: number;
+  /** blk extension: connections to open when the server allows multi-conn (1–16, default 1). */
+  "x-multi-conn"?: number;
 }
 
 /** Settings of {@link makeNbdDriver} that are not QEMU options. */
@@ -55,7 +66,15 @@ export interface NbdDriverConfig {
   maxInFlight?: number;
   /** Milliseconds for one connection attempt plus handshake (default 30 000). */
   connectTimeoutMs?: number;
+  /** Where `tls-creds` ids are looked up (default {@link tlsCredentials}; any `get` will do). */
+  tlsCreds?: { get(id: string): TlsCreds | undefined };
 }
+
+/**
+ * The TLS credentials the default {@link nbdDriver} resolves `tls-creds` against (id → credentials),
+ * as the throttle driver's `throttleGroups`: an application registers its objects here.
+ */
+export const tlsCredentials: Map<string, TlsCreds> = new Map();
 
 const INET_KEYS = ["type", "host", "port", "numeric", "to", "ipv4", "ipv6", "keep-alive", "mptcp"] as const;
 const UNIX_KEYS = ["type", "path", "abstract", "tight"] as const;
@@ -67,7 +86,11 @@ const NBD_KEYS = [
   "x-dirty-bitmap",
   "reconnect-delay",
   "open-timeout",
+  "x-multi-conn",
 ] as const;
+
+/** Most connections `x-multi-conn` may ask for. */
+export const NBD_MAX_MULTI_CONN = 16;
 
 function parseServer(value: unknown): NbdServerAddress {
   if (value === undefined) throw new BlkError("EINVAL", "Parameter 'server' is missing");
@@ -101,6 +124,15 @@ export const nbdSchema: { parse(value: unknown): NbdOptions } = {
       const v = expectInt(o, key, 0);
       if (v !== undefined) out[key] = v;
     }
+    const conns = expectInt(o, "x-multi-conn", 0);
+    if (conns !== undefined) {
+      if (conns < 1 || conns > NBD_MAX_MULTI_CONN)
+        throw new BlkError(
+          "EINVAL",
+          `Parameter 'x-multi-conn' expects a value between 1 and ${NBD_MAX_MULTI_CONN}`,
+        );
+      out["x-multi-conn"] = conns;
+    }
     rejectUnexpected(o, NBD_KEYS);
     return out;
   },
@@ -131,22 +163,57 @@ export class NbdState extends BlockDriverBase {
   readonly options: NbdOptions;
   /** The metadata context block status reads (`base:allocation` or `x-dirty-bitmap`). */
   readonly statusContext: string;
-  #client: NbdClient;
+  /** One connection per slot (several with `x-multi-conn`); a slot's client is replaced on reconnect. */
+  readonly #clients: NbdClient[];
   readonly #clientOptions: NbdClientOptions;
-  #reconnecting: Promise<NbdClient> | undefined;
+  readonly #reconnecting = new Map<number, Promise<NbdClient>>();
+  #next = 0;
+  /** @internal Credentials referenced while open. */
+  tlsCreds: TlsCreds | undefined;
 
   /** @internal Use {@link nbdDriver}.open. */
-  constructor(client: NbdClient, options: NbdOptions, clientOptions: NbdClientOptions) {
+  constructor(
+    clients: NbdClient | readonly NbdClient[],
+    options: NbdOptions,
+    clientOptions: NbdClientOptions,
+  ) {
+    const all = Array.isArray(clients) ? [...clients] : [clients as NbdClient];
+    const client = all[0];
+    if (client === undefined) throw new BlkError("EINVAL", "NbdState needs a connection");
     super({ requestAlignment: client.minimumBlockSize, maxTransfer: client.maxPayload });
-    this.#client = client;
+    this.#clients = all;
     this.options = options;
     this.#clientOptions = clientOptions;
     this.statusContext = options["x-dirty-bitmap"] ?? META_BASE_ALLOCATION;
   }
 
-  /** The current connection (replaced after a reconnect). */
+  /** The first connection (replaced after a reconnect). */
   get client(): NbdClient {
-    return this.#client;
+    return this.#clients[0] as NbdClient;
+  }
+
+  /** Every connection (one unless `x-multi-conn` and the server allows it). */
+  get clients(): readonly NbdClient[] {
+    return this.#clients;
+  }
+
+  /**
+   * The next slot round-robin. Without `reconnect-delay`, dead connections are skipped while a live one
+   * remains; with it, a dead one is reconnected by the request that lands on it.
+   */
+  #pick(): number {
+    const n = this.#clients.length;
+    const skipDead = (this.options["reconnect-delay"] ?? 0) === 0;
+    for (let k = 0; skipDead && k < n; k++) {
+      const i = (this.#next + k) % n;
+      if (this.#clients[i]?.error === undefined) {
+        this.#next = (i + 1) % n;
+        return i;
+      }
+    }
+    const i = this.#next;
+    this.#next = (i + 1) % n;
+    return i;
   }
 
   /** FUA is always honoured: natively, or by a flush after the write when the server lacks FUA. */
@@ -158,37 +225,46 @@ export class NbdState extends BlockDriverBase {
    * Runs `fn` on the connection; when the connection is lost and `reconnect-delay` is set, reconnects
    * (one shared attempt, for up to that many seconds) and runs `fn` once more on the new connection.
    */
-  async #io<T>(fn: (c: NbdClient) => Promise<T>): Promise<T> {
-    const c = this.#client;
+  async #io<T>(fn: (c: NbdClient) => Promise<T>, slot: number = this.#pick()): Promise<T> {
+    const c = this.#clients[slot] as NbdClient;
     try {
       if (c.error !== undefined) throw c.error;
       return await fn(c);
     } catch (e) {
       const delay = this.options["reconnect-delay"] ?? 0;
       if (delay === 0 || c.error === undefined || this.closed) throw e;
-      const fresh = await this.#reconnect(c, delay).catch(() => {
+      const fresh = await this.#reconnect(slot, c, delay).catch(() => {
         throw e;
       });
       return fn(fresh);
     }
   }
 
-  #reconnect(lost: NbdClient, delaySeconds: number): Promise<NbdClient> {
-    if (this.#client !== lost) return Promise.resolve(this.#client);
-    this.#reconnecting ??= (async () => {
-      try {
-        const c = await connectUntil(this.#clientOptions, Date.now() + delaySeconds * 1000);
-        if (c.size !== lost.size) {
-          await c.close();
-          throw new BlkError("EIO", `NBD export size changed from ${lost.size} to ${c.size} on reconnect`);
+  #reconnect(slot: number, lost: NbdClient, delaySeconds: number): Promise<NbdClient> {
+    const current = this.#clients[slot] as NbdClient;
+    if (current !== lost) return Promise.resolve(current);
+    let p = this.#reconnecting.get(slot);
+    if (p === undefined) {
+      p = (async () => {
+        try {
+          const c = await connectUntil(this.#clientOptions, Date.now() + delaySeconds * 1000);
+          if (c.size !== lost.size) {
+            await c.close();
+            throw new BlkError("EIO", `NBD export size changed from ${lost.size} to ${c.size} on reconnect`);
+          }
+          if (this.closed) {
+            await c.close();
+            throw new BlkError("ESHUTDOWN", "NBD node is closed");
+          }
+          this.#clients[slot] = c;
+          return c;
+        } finally {
+          this.#reconnecting.delete(slot);
         }
-        this.#client = c;
-        return c;
-      } finally {
-        this.#reconnecting = undefined;
-      }
-    })();
-    return this.#reconnecting;
+      })();
+      this.#reconnecting.set(slot, p);
+    }
+    return p;
   }
 
   protected override async _read(offset: number, buf: Uint8Array): Promise<void> {
@@ -204,7 +280,7 @@ export class NbdState extends BlockDriverBase {
   }
 
   protected override async _writeZeroes(offset: number, bytes: number, flags: ZeroFlags): Promise<void> {
-    if (!this.#client.canZero) {
+    if (!this.client.canZero) {
       await super._writeZeroes(offset, bytes, flags);
       return;
     }
@@ -224,17 +300,17 @@ export class NbdState extends BlockDriverBase {
   }
 
   protected override async _discard(offset: number, bytes: number): Promise<void> {
-    if (!this.#client.canTrim) return;
+    if (!this.client.canTrim) return;
     await this.#io((c) => c.trim(offset, bytes));
   }
 
   protected override async _flush(_flags: FlushFlags): Promise<void> {
-    if (!this.#client.canFlush) return;
-    await this.#io((c) => c.flush());
+    if (!this.client.canFlush) return;
+    await Promise.all(this.#clients.map((_, slot) => this.#io((c) => c.flush(), slot)));
   }
 
   protected override async _blockStatus(offset: number, bytes: number): Promise<BlockStatusExtent[]> {
-    if (!this.#client.contexts.has(this.statusContext)) {
+    if (!this.client.contexts.has(this.statusContext)) {
       return [{ offset, length: bytes, data: true, zero: false, allocated: true, hostOffset: offset }];
     }
     const status = await this.#io((c) => c.blockStatus(offset, bytes));
@@ -252,7 +328,7 @@ export class NbdState extends BlockDriverBase {
   }
 
   protected override async _getLength(): Promise<number> {
-    return this.#client.size;
+    return this.client.size;
   }
 
   protected override async _info(): Promise<BlockDriverInfo> {
@@ -260,8 +336,10 @@ export class NbdState extends BlockDriverBase {
   }
 
   protected override async _close(): Promise<void> {
-    await this.#reconnecting?.catch(() => undefined);
-    await this.#client.close();
+    await Promise.all([...this.#reconnecting.values()].map((p) => p.catch(() => undefined)));
+    await Promise.all(this.#clients.map((c) => c.close()));
+    this.tlsCreds?.unref();
+    this.tlsCreds = undefined;
   }
 }
 
@@ -273,10 +351,17 @@ export function makeNbdDriver(config: NbdDriverConfig = {}): BlockDriver<NbdOpti
     schema: nbdSchema,
     async open(options: NbdOptions, ctx: OpenContext): Promise<NbdState> {
       const o = nbdSchema.parse(options);
-      if (o["tls-creds"] !== undefined) {
-        throw new BlkError("ENOTSUP", "NBD over TLS is not supported yet: 'tls-creds' cannot be used");
+      let tls: NbdClientOptions["tls"];
+      const credsId = o["tls-creds"];
+      if (credsId !== undefined) {
+        const creds = (config.tlsCreds ?? tlsCredentials).get(credsId);
+        if (creds === undefined) throw new BlkError("EINVAL", `No TLS credentials with id '${credsId}'`);
+        creds.checkEndpoint("client");
+        const hostname = o["tls-hostname"];
+        tls = hostname === undefined ? { creds } : { creds, hostname };
       }
       const clientOptions: NbdClientOptions = {
+        ...(tls === undefined ? {} : { tls }),
         server: o.server,
         export: o.export ?? "",
         metaContexts: [o["x-dirty-bitmap"] ?? META_BASE_ALLOCATION],
@@ -297,7 +382,21 @@ export function makeNbdDriver(config: NbdDriverConfig = {}): BlockDriver<NbdOpti
         await client.close();
         throw e;
       }
-      return new NbdState(client, o, clientOptions);
+      const clients = [client];
+      const want = o["x-multi-conn"] ?? 1;
+      if (want > 1 && client.canMultiConn) {
+        // Extra connections are a bonus: the ones the server refuses (max-connections…) are done without.
+        const extra = await Promise.allSettled(
+          Array.from({ length: want - 1 }, () => NbdClient.connect(clientOptions)),
+        );
+        for (const r of extra) if (r.status === "fulfilled") clients.push(r.value);
+      }
+      const state = new NbdState(clients, o, clientOptions);
+      if (tls !== undefined) {
+        tls.creds.ref();
+        state.tlsCreds = tls.creds;
+      }
+      return state;
     },
   };
 }

@@ -26,9 +26,10 @@ export function optionError(option: number, type: number, serverMessage: string)
       text = "Requested export not available";
       break;
     case NBD_REP.ERR_TLS_REQD:
+      // QEMU's words (nbd/client.c), with the server's message on a line of its own.
       code = "EPERM";
-      text = `Server requires TLS before option '${name}' (TLS is not supported by this client yet)`;
-      break;
+      text = `TLS negotiation required before option ${option} (${name})\nDid you forget a valid tls-creds?`;
+      return new BlkError(code, serverMessage === "" ? text : `${text}\nserver reported: ${serverMessage}`);
     case NBD_REP.ERR_POLICY:
       code = "EPERM";
       text = `Server denied option '${name}' by policy`;

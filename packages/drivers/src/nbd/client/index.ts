@@ -11,11 +11,13 @@ export {
 } from "./client.ts";
 export {
   makeNbdDriver,
+  NBD_MAX_MULTI_CONN,
   type NbdDriverConfig,
   type NbdOptions,
   NbdState,
   nbdDriver,
   nbdSchema,
   registerNbd,
+  tlsCredentials,
 } from "./driver.ts";
 export { formatNbdUri, type NbdUriOptions, parseNbdUri } from "./uri.ts";

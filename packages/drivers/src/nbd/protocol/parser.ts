@@ -237,6 +237,12 @@ export interface NbdServerStreamParserOptions {
    * READs), or undefined when no data follows. Default: no data ever follows.
    */
   readLength?: (cookie: bigint) => number | undefined;
+  /**
+   * Where transmission payloads (READ data, chunk payloads) that straddle received chunks are gathered
+   * (default: a new array each). An allocator that hands out the same memory again makes each payload
+   * valid only until the next call to `next()`.
+   */
+  allocatePayload?: (n: number) => Uint8Array;
 }
 
 type ServerState =
@@ -257,6 +263,7 @@ export class NbdServerStreamParser {
   readonly maxOptionReplyLength: number;
   readonly maxChunkLength: number;
   readLength: (cookie: bigint) => number | undefined;
+  #allocatePayload: ((n: number) => Uint8Array) | undefined;
   #q = new ByteQueue();
   #st: ServerState = { s: "greeting" };
   #failed: NbdProtocolError | undefined;
@@ -265,6 +272,7 @@ export class NbdServerStreamParser {
     this.maxOptionReplyLength = options.maxOptionReplyLength ?? 3 * NBD_MAX_STRING + 64;
     this.maxChunkLength = options.maxChunkLength ?? NBD_MAX_PAYLOAD + 8;
     this.readLength = options.readLength ?? (() => undefined);
+    this.#allocatePayload = options.allocatePayload;
   }
 
   /** Bytes buffered and not yet returned. */
@@ -395,13 +403,13 @@ export class NbdServerStreamParser {
         }
         case "simple-data": {
           if (q.length < st.length) return undefined;
-          const data = q.take(st.length);
+          const data = q.take(st.length, this.#allocatePayload);
           this.#st = { s: "transmission" };
           return { kind: "simple-reply", error: 0, cookie: st.cookie, data };
         }
         case "chunk-data": {
           if (q.length < st.length) return undefined;
-          const payload = q.take(st.length);
+          const payload = q.take(st.length, this.#allocatePayload);
           this.#st = { s: "transmission" };
           return { kind: "chunk", flags: st.flags, type: st.type, cookie: st.cookie, payload };
         }

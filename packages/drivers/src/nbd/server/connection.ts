@@ -5,6 +5,7 @@
  * high-water mark. Protocol violations hard-disconnect; request failures become NBD errors.
  */
 import type { Socket } from "node:net";
+import { createServer as createTlsServer, type TLSSocket } from "node:tls";
 import { isBlkError } from "@blk/core";
 import {
   commandName,
@@ -40,6 +41,7 @@ import {
 } from "../protocol/encode.ts";
 import { NbdProtocolError } from "../protocol/errors.ts";
 import { type NbdClientMessage, NbdClientStreamParser, type NbdRequest } from "../protocol/parser.ts";
+import type { TlsCreds } from "../tls.ts";
 import type { NbdExport, NbdMetaContext } from "./export.ts";
 import type { BufferPool } from "./pool.ts";
 
@@ -52,6 +54,8 @@ export interface NbdConnectionHost {
   readonly handshakeTimeoutMs: number;
   /** Where READ data and gathered WRITE payloads are allocated. */
   readonly bufferPool: BufferPool;
+  /** TLS credentials; with `required`, every option but STARTTLS and ABORT needs TLS first. */
+  readonly tls: { creds: TlsCreds; required: boolean } | undefined;
   /** The server is shutting down: options other than ABORT get `NBD_REP_ERR_SHUTDOWN`. */
   readonly shuttingDown: boolean;
   log(message: string): void;
@@ -63,6 +67,8 @@ export interface NbdConnectionInfo {
   phase: "handshake" | "transmission" | "closed";
   export: string | undefined;
   structured: boolean;
+  /** STARTTLS succeeded: the connection is encrypted. */
+  tls: boolean;
   inFlight: number;
   /** Bytes queued in the socket's write buffer. */
   writeBuffered: number;
@@ -85,8 +91,11 @@ const ZERO_VALID = NBD_CMD_FLAG.NO_HOLE | NBD_CMD_FLAG.FAST_ZERO;
 
 /** A client connection. Created by the server for each accepted socket. */
 export class NbdConnection {
-  readonly socket: Socket;
   readonly host: NbdConnectionHost;
+  #socket: Socket;
+  #tls = false;
+  /** Between the STARTTLS reply and the end of the TLS handshake: nothing is read. */
+  #upgrading = false;
   #parser: NbdClientStreamParser;
   #phase: "handshake" | "transmission" | "closed" = "handshake";
   #fixed = false;
@@ -106,21 +115,11 @@ export class NbdConnection {
 
   constructor(host: NbdConnectionHost, socket: Socket) {
     this.host = host;
-    this.socket = socket;
+    this.#socket = socket;
     const pool = host.bufferPool;
     this.#parser = new NbdClientStreamParser({ allocatePayload: (n) => pool.acquire(n) });
-    socket.on("data", (chunk: Buffer) => this.#onData(chunk));
-    socket.on("drain", () => {
-      this.#writeBlocked = false;
-      this.#pump();
-    });
     socket.on("error", (e) => this.host.log(`connection error: ${e.message}`));
-    socket.on("end", () => {
-      // The client half-closed: answer what it sent, then close.
-      this.#eof = true;
-      this.#pump();
-    });
-    socket.on("close", () => this.#onClose());
+    this.#listen(socket);
     if (host.handshakeTimeoutMs > 0) {
       this.#timer = setTimeout(() => {
         this.host.log("handshake timed out");
@@ -129,6 +128,37 @@ export class NbdConnection {
       this.#timer.unref();
     }
     this.#write([encodeGreeting(NBD_FLAG.FIXED_NEWSTYLE | NBD_FLAG.NO_ZEROES)]);
+  }
+
+  /** The socket the connection talks over (a `TLSSocket` after STARTTLS). */
+  get socket(): Socket {
+    return this.#socket;
+  }
+
+  #onDrain = (): void => {
+    this.#writeBlocked = false;
+    this.#pump();
+  };
+  #onEnd = (): void => {
+    // The client half-closed: answer what it sent, then close.
+    this.#eof = true;
+    this.#pump();
+  };
+  #onSocketData = (chunk: Buffer): void => this.#onData(chunk);
+  #onSocketClose = (): void => this.#onClose();
+
+  #listen(s: Socket): void {
+    s.on("data", this.#onSocketData);
+    s.on("drain", this.#onDrain);
+    s.on("end", this.#onEnd);
+    s.on("close", this.#onSocketClose);
+  }
+
+  /** Stops reading `s` (its `close` still ends the connection). */
+  #unlisten(s: Socket): void {
+    s.off("data", this.#onSocketData);
+    s.off("drain", this.#onDrain);
+    s.off("end", this.#onEnd);
   }
 
   /** The export in use once transmission started. */
@@ -142,6 +172,7 @@ export class NbdConnection {
       phase: this.#phase,
       export: this.#export?.name,
       structured: this.#structured,
+      tls: this.#tls,
       inFlight: this.#inFlight,
       writeBuffered: this.socket.writableLength,
       readBuffered: this.#parser.buffered,
@@ -162,7 +193,7 @@ export class NbdConnection {
 
   /** Hard-disconnects now (in-flight requests finish; their replies are dropped). */
   destroy(): void {
-    this.socket.destroy();
+    this.#socket.destroy();
     this.#onClose();
   }
 
@@ -174,7 +205,7 @@ export class NbdConnection {
   }
 
   #onData(chunk: Buffer): void {
-    if (this.#phase === "closed" || this.#disconnecting) return;
+    if (this.#phase === "closed" || this.#disconnecting || this.#upgrading) return;
     try {
       this.#parser.push(chunk);
     } catch (e) {
@@ -191,7 +222,7 @@ export class NbdConnection {
 
   /** Processes buffered messages while limits allow; pauses the socket when they do not. */
   #pump(): void {
-    while (this.#phase !== "closed" && !this.#disconnecting) {
+    while (this.#phase !== "closed" && !this.#disconnecting && !this.#upgrading) {
       if (this.#writeBlocked || (this.#phase === "transmission" && this.#inFlight >= this.host.maxInFlight)) {
         if (!this.#paused) {
           this.#paused = true;
@@ -216,7 +247,7 @@ export class NbdConnection {
       }
       this.#dispatch(m);
     }
-    if (this.#paused && this.#phase !== "closed") {
+    if (this.#paused && this.#phase !== "closed" && !this.#upgrading) {
       this.#paused = false;
       this.socket.resume();
     }
@@ -306,6 +337,18 @@ export class NbdConnection {
       else this.#error(option, NBD_REP.ERR_SHUTDOWN, "Server is shutting down");
       return;
     }
+    if (
+      this.host.tls?.required === true &&
+      !this.#tls &&
+      option !== NBD_OPT.STARTTLS &&
+      option !== NBD_OPT.ABORT
+    ) {
+      // FORCEDTLS: nothing but STARTTLS and ABORT before TLS (EXPORT_NAME cannot be answered: close).
+      if (option === NBD_OPT.EXPORT_NAME) this.destroy();
+      else
+        this.#error(option, NBD_REP.ERR_TLS_REQD, `Option 0x${option.toString(16)} not permitted before TLS`);
+      return;
+    }
     switch (option) {
       case NBD_OPT.EXPORT_NAME:
         this.#optExportName(data);
@@ -327,9 +370,22 @@ export class NbdConnection {
       case NBD_OPT.STARTTLS:
         if (data.length !== 0) {
           this.#error(option, NBD_REP.ERR_INVALID, "option 'starttls' has unexpected length");
+          if (this.host.tls !== undefined) {
+            // As qemu-nbd with TLS: a client this confused about STARTTLS is hung up on.
+            this.#disconnecting = true;
+            this.socket.end();
+          }
           return;
         }
-        this.#error(option, NBD_REP.ERR_POLICY, "TLS not configured");
+        if (this.host.tls === undefined) {
+          this.#error(option, NBD_REP.ERR_POLICY, "TLS not configured");
+          return;
+        }
+        if (this.#tls) {
+          this.#error(option, NBD_REP.ERR_INVALID, "TLS already enabled");
+          return;
+        }
+        this.#startTls(this.host.tls.creds);
         return;
       case NBD_OPT.INFO:
       case NBD_OPT.GO:
@@ -359,6 +415,54 @@ export class NbdConnection {
         );
         return;
     }
+  }
+
+  /**
+   * Acknowledges STARTTLS and runs the TLS handshake on the same socket; option haggling then goes on
+   * over TLS from a clean state (structured replies and metadata contexts are forgotten).
+   */
+  #startTls(creds: TlsCreds): void {
+    if (this.#parser.buffered > 0) {
+      // The client may not send anything before it read our ACK: what it sent is not TLS.
+      this.#protocolError(new NbdProtocolError("UNEXPECTED", "data after NBD_OPT_STARTTLS"));
+      return;
+    }
+    const raw = this.#socket;
+    this.#upgrading = true;
+    // Bytes arriving from now on are the TLS handshake: they stay in the socket for the TLS layer.
+    this.#unlisten(raw);
+    raw.pause();
+    this.#write([encodeOptionReply(NBD_OPT.STARTTLS, NBD_REP.ACK)], () => {
+      if (this.#phase === "closed") return;
+      // A tls.Server (never listening) checks the peer's certificate chain, which a bare server-mode
+      // TLSSocket does not do.
+      const server = createTlsServer({
+        ...creds.serverOptions(),
+        ...(this.host.handshakeTimeoutMs > 0 ? { handshakeTimeout: this.host.handshakeTimeoutMs } : {}),
+      });
+      server.once("secureConnection", (t: TLSSocket) => {
+        if (this.#phase === "closed") {
+          t.destroy();
+          return;
+        }
+        this.#socket = t;
+        t.on("error", (e) => this.host.log(`connection error: ${e.message}`));
+        this.#listen(t);
+        this.#tls = true;
+        this.#structured = false;
+        this.#meta = undefined;
+        this.#upgrading = false;
+        this.#writeBlocked = false;
+        this.#paused = false;
+        this.#pump();
+      });
+      server.once("tlsClientError", (e: Error) => {
+        this.host.log(`TLS handshake failed: ${e.message}`);
+        this.destroy();
+        raw.destroy();
+      });
+      server.emit("connection", raw);
+    });
   }
 
   #startTransmission(exp: NbdExport): void {

@@ -39,7 +39,12 @@ export interface NbdExportOptions {
   bitmaps?: readonly string[];
   /** Expose `qemu:allocation-depth`. */
   allocationDepth?: boolean;
-  /** Advertise `NBD_FLAG_CAN_MULTI_CONN` (default false, as qemu-nbd's default). */
+  /**
+   * Advertise `NBD_FLAG_CAN_MULTI_CONN` (default true, as qemu-storage-daemon 7.2 does for read-only
+   * and writable exports alike). Safe here: every connection reads and writes the same node, and a
+   * FLUSH flushes that node, so it covers writes completed on any connection. Set false to mimic
+   * qemu-nbd's default (`--shared=1`).
+   */
   multiConn?: boolean;
   /** Largest READ/WRITE payload advertised and accepted (default 32 MiB). */
   maxPayload?: number;
@@ -89,7 +94,7 @@ export class NbdExport {
     this.node = node;
     this.description = options.description;
     this.writable = options.writable ?? false;
-    this.multiConn = options.multiConn ?? false;
+    this.multiConn = options.multiConn ?? true;
     this.maxPayload = maxPayload;
     const contexts: NbdMetaContext[] = [{ id: 0, name: META_BASE_ALLOCATION, kind: "base:allocation" }];
     if (options.allocationDepth === true) {

@@ -6,6 +6,7 @@
 import { once } from "node:events";
 import { createServer, type Server, type Socket } from "node:net";
 import { BlkError } from "@blk/core";
+import type { TlsCreds } from "../tls.ts";
 import { NbdConnection, type NbdConnectionHost, type NbdConnectionInfo } from "./connection.ts";
 import { NbdExport, type NbdExportOptions } from "./export.ts";
 import { BufferPool } from "./pool.ts";
@@ -25,6 +26,12 @@ export interface NbdServerOptions {
   handshakeTimeoutMs?: number;
   /** Diagnostics (dropped clients, failed requests). */
   log?: (message: string) => void;
+  /**
+   * TLS (`NBD_OPT_STARTTLS`) with server credentials. `required` (default true, QEMU's only mode) refuses
+   * every option but STARTTLS and ABORT before TLS with `NBD_REP_ERR_TLS_REQD`; false lets plaintext
+   * clients in too. The credentials are referenced (see {@link TlsCreds.users}) until `close()`.
+   */
+  tls?: { creds: TlsCreds; required?: boolean };
 }
 
 /** Options of {@link NbdServer.removeExport}. */
@@ -47,6 +54,7 @@ export class NbdServer implements NbdConnectionHost {
   readonly maxInFlight: number;
   readonly maxOptions: number;
   readonly handshakeTimeoutMs: number;
+  readonly tls: { creds: TlsCreds; required: boolean } | undefined;
   /** @internal Payload buffers shared by the connections. */
   readonly bufferPool: BufferPool = new BufferPool();
   #log: (message: string) => void;
@@ -65,6 +73,12 @@ export class NbdServer implements NbdConnectionHost {
     this.#log = options.log ?? (() => {});
     if (!Number.isInteger(this.maxInFlight) || this.maxInFlight < 1) {
       throw new BlkError("EINVAL", "maxInFlight must be a positive integer");
+    }
+    const tls = options.tls;
+    if (tls !== undefined) {
+      tls.creds.checkEndpoint("server");
+      tls.creds.ref();
+      this.tls = { creds: tls.creds, required: tls.required ?? true };
     }
   }
 
@@ -189,6 +203,7 @@ export class NbdServer implements NbdConnectionHost {
       await closed;
       for (const exp of this.#exports.values()) exp._release();
       this.#exports.clear();
+      this.tls?.creds.unref();
       this.bufferPool.clear();
     })();
     return this.#closing;
