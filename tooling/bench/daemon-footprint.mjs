@@ -1,12 +1,17 @@
 #!/usr/bin/env node
 // Footprint benchmark: time from spawn to a QMP greeting on the monitor socket, and idle RSS after
 // negotiation with one raw node and one NBD export, for blkd against qemu-storage-daemon. One start per
-// daemon per round, alternating; medians and same-run ratios.
+// daemon per round, alternating; medians and same-run ratios. A third row, "node floor", is a Node
+// process that only listens on a unix socket and greets: what any Node daemon costs before its own code.
 //
 //   node tooling/bench/daemon-footprint.mjs           (after `pnpm build`; needs qemu-storage-daemon)
 //   BLK_BENCH_ROUNDS=9 node tooling/bench/daemon-footprint.mjs
+//   BLK_BENCH_BASELINE=/path/to/other/bin/blkd.js …   (adds that blkd, e.g. an older build, as a row)
+//   BLK_BENCH_BUNDLE=1 …   (adds blkd bundled into a few files by rolldown, vite's bundler: what module
+//                           loading costs; its version reads 0.0.0)
 import { spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { createRequire } from "node:module";
 import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
@@ -46,10 +51,37 @@ const args = (qmp, nbd) => [
   "--monitor",
   "chardev=m0",
 ];
+// The floor: node starting, listening on the monitor path given last in `args`, greeting each client.
+const floorScript = `
+const net = require("node:net");
+const path = process.argv.at(-1).replace(/^.*path=([^,]*).*$/, "$1");
+net.createServer((s) => { s.write('{"QMP": {}}\\r\\n'); s.on("data", (d) => { if (String(d).includes("quit")) process.exit(0); s.write('{"return": {}}\\r\\n'); }); }).listen(path);
+`;
 const daemons = {
   blkd: (a) => [process.execPath, [join(root, "apps/daemon/bin/blkd.js"), ...a]],
   "qemu-storage-daemon": (a) => ["qemu-storage-daemon", a],
+  "node floor": (a) => [process.execPath, ["-e", floorScript, a.at(-3)]],
 };
+const baseline = process.env.BLK_BENCH_BASELINE;
+if (baseline !== undefined && baseline !== "")
+  daemons["blkd baseline"] = (a) => [process.execPath, [baseline, ...a]];
+if (process.env.BLK_BENCH_BUNDLE === "1") {
+  const vite = createRequire(join(root, "package.json")).resolve("vite/package.json");
+  const { rolldown } = await import(createRequire(vite).resolve("rolldown"));
+  const bundle = await rolldown({
+    input: join(root, "apps/daemon/dist/main.js"),
+    platform: "node",
+    external: [/^node:/, "koffi"],
+    logLevel: "silent",
+  });
+  await bundle.write({ dir: join(dir, "bundle"), format: "esm" });
+  const entry = join(dir, "bundle", "blkd.mjs");
+  writeFileSync(
+    entry,
+    'import { main } from "./main.js";\nprocess.exitCode = await main(process.argv.slice(2));\n',
+  );
+  daemons["blkd bundled"] = (a) => [process.execPath, [entry, ...a]];
+}
 
 /** Connects until the greeting arrives; resolves with the socket. */
 async function greeting(path, deadline) {
@@ -71,32 +103,51 @@ async function greeting(path, deadline) {
   }
 }
 
+/** User + system CPU time of a process so far (10 ms ticks): less sensitive than wall time to a busy machine. */
+function cpuTimeMs(pid) {
+  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100;
+}
+
 async function measure(name, round) {
-  const qmp = join(dir, `${name}-${round}.qmp`);
-  const nbd = join(dir, `${name}-${round}.nbd`);
+  const qmp = join(dir, `${name.replace(" ", "-")}-${round}.qmp`);
+  const nbd = join(dir, `${name.replace(" ", "-")}-${round}.nbd`);
   const [cmd, a] = daemons[name](args(qmp, nbd));
   const t = performance.now();
-  const child = spawn(cmd, a, { stdio: "ignore" });
+  const child = spawn(cmd, a, { stdio: ["ignore", "ignore", "pipe"] });
   children.add(child);
-  const sock = await greeting(qmp, t + 20_000);
+  let stderr = "";
+  child.stderr.on("data", (d) => {
+    stderr += d;
+  });
+  const exited = new Promise((_, reject) =>
+    child.once("exit", (code, signal) =>
+      reject(new Error(`${name} exited early (${code ?? signal}):\n${stderr.trim()}`)),
+    ),
+  );
+  exited.catch(() => {});
+  const sock = await Promise.race([greeting(qmp, t + 20_000), exited]);
   const startMs = performance.now() - t;
+  const cpuMs = cpuTimeMs(child.pid);
   sock.write('{"execute": "qmp_capabilities"}\n');
-  await new Promise((r) => setTimeout(r, 500));
+  await Promise.race([new Promise((r) => setTimeout(r, 500)), exited]);
   const status = readFileSync(`/proc/${child.pid}/status`, "utf8");
   const rssKiB = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? Number.NaN);
   sock.write('{"execute": "quit"}\n');
   await new Promise((r) => child.once("close", r));
   children.delete(child);
   sock.destroy();
-  return { startMs, rssMiB: rssKiB / 1024 };
+  return { startMs, cpuMs, rssMiB: rssKiB / 1024 };
 }
 
-const res = Object.fromEntries(Object.keys(daemons).map((d) => [d, { startMs: [], rssMiB: [] }]));
+const res = Object.fromEntries(Object.keys(daemons).map((d) => [d, { startMs: [], cpuMs: [], rssMiB: [] }]));
 for (let round = 0; round < rounds; round++) {
   const order = round % 2 === 0 ? Object.keys(daemons) : Object.keys(daemons).reverse();
   for (const d of order) {
     const m = await measure(d, round);
     res[d].startMs.push(m.startMs);
+    res[d].cpuMs.push(m.cpuMs);
     res[d].rssMiB.push(m.rssMiB);
   }
 }
@@ -104,14 +155,24 @@ const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 console.log(
   `daemon footprint: ${rounds} alternating starts each, medians (one raw node, one NBD export, one monitor)`,
 );
-console.log(`${"".padEnd(24)}${"start→QMP ms".padStart(14)}${"idle RSS MiB".padStart(14)}`);
+console.log(
+  `${"".padEnd(24)}${"start→QMP ms".padStart(14)}${"CPU ms".padStart(10)}${"idle RSS MiB".padStart(14)}`,
+);
 for (const d of Object.keys(daemons)) {
   console.log(
-    `${d.padEnd(24)}${median(res[d].startMs).toFixed(0).padStart(14)}${median(res[d].rssMiB).toFixed(1).padStart(14)}`,
+    `${d.padEnd(24)}${median(res[d].startMs).toFixed(0).padStart(14)}${median(res[d].cpuMs).toFixed(0).padStart(10)}${median(res[d].rssMiB).toFixed(1).padStart(14)}`,
   );
 }
-const b = res.blkd;
-const q = res["qemu-storage-daemon"];
-console.log(
-  `${"blkd / qsd".padEnd(24)}${`${(median(b.startMs) / median(q.startMs)).toFixed(2)}x`.padStart(14)}${`${(median(b.rssMiB) / median(q.rssMiB)).toFixed(2)}x`.padStart(14)}`,
-);
+const ratio = (x, y) =>
+  `${(median(x.startMs) / median(y.startMs)).toFixed(2)}x`.padStart(14) +
+  // CPU time is counted in 10 ms ticks: no ratio against a process that used less than two.
+  (median(y.cpuMs) < 20 ? "-" : `${(median(x.cpuMs) / median(y.cpuMs)).toFixed(2)}x`).padStart(10) +
+  `${(median(x.rssMiB) / median(y.rssMiB)).toFixed(2)}x`.padStart(14);
+console.log(`${"blkd / qsd".padEnd(24)}${ratio(res.blkd, res["qemu-storage-daemon"])}`);
+console.log(`${"blkd / node floor".padEnd(24)}${ratio(res.blkd, res["node floor"])}`);
+if (res["blkd bundled"] !== undefined)
+  console.log(`${"bundled / qsd".padEnd(24)}${ratio(res["blkd bundled"], res["qemu-storage-daemon"])}`);
+if (res["blkd baseline"] !== undefined) {
+  console.log(`${"baseline / qsd".padEnd(24)}${ratio(res["blkd baseline"], res["qemu-storage-daemon"])}`);
+  console.log(`${"blkd / baseline".padEnd(24)}${ratio(res.blkd, res["blkd baseline"])}`);
+}

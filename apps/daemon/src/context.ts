@@ -1,9 +1,9 @@
 /** What the command handlers share: the daemon's graph, jobs, objects, NBD server and exports. */
 import type { BlockGraph } from "@blk/core";
-import type { DriverRegistry } from "@blk/drivers";
 import type { NbdExport, NbdServer } from "@blk/drivers/nbd";
 import type { JobManager } from "@blk/jobs";
 import type { ThrottleGroup, ThrottleGroupProperties } from "@blk/throttle";
+import type { DaemonDrivers } from "./driver-table.ts";
 import type { Logger } from "./log.ts";
 
 /** A user-created QOM object (`--object`, `object-add`). blkd implements `throttle-group`. */
@@ -28,7 +28,8 @@ export interface ExportEntry {
 export interface DaemonState {
   readonly graph: BlockGraph;
   readonly jobs: JobManager;
-  readonly drivers: DriverRegistry;
+  /** The block drivers, loaded on demand (see {@link DaemonDrivers}). */
+  readonly drivers: DaemonDrivers;
   readonly objects: Map<string, DaemonObject>;
   readonly throttleGroups: Map<string, ThrottleGroup>;
   readonly exports: Map<string, ExportEntry>;

@@ -4,37 +4,12 @@
  * same handlers a QMP client reaches.
  */
 import { BlockGraph } from "@blk/core";
-import {
-  blkdebugDriver,
-  DriverRegistry,
-  fileDriver,
-  makeThrottleDriver,
-  nullDriver,
-  rawDriver,
-} from "@blk/drivers";
-import { qcow2Driver } from "@blk/drivers/qcow2";
-import { JobManager } from "@blk/jobs";
-import {
-  type CommandContext,
-  CommandRegistry,
-  defineCommand,
-  QmpError,
-  QmpServer,
-  type QmpServerOptions,
-} from "@blk/qmp";
+import type { JobManager } from "@blk/jobs";
+import { type CommandContext, defineCommand, QmpError, QmpServer, type QmpServerOptions } from "@blk/qmp";
 import type { ThrottleGroup } from "@blk/throttle";
-import { bitmapCommands } from "./commands/bitmaps.ts";
-import { blockJobCommands } from "./commands/block-jobs.ts";
-import { controlCommands } from "./commands/control.ts";
-import { createCommands } from "./commands/create.ts";
-import { exportCommands, exportDel, nbdServerStop } from "./commands/exports.ts";
-import { jobCommands } from "./commands/jobs.ts";
-import { nodeCommands } from "./commands/nodes.ts";
-import { objectCommands } from "./commands/objects.ts";
-import { snapshotCommands } from "./commands/snapshots.ts";
-import { transactionCommands } from "./commands/transaction.ts";
-import { writeThresholdCommands } from "./commands/write-threshold.ts";
+import { type CommandGroup, LazyCommandRegistry } from "./command-groups.ts";
 import type { DaemonObject, DaemonState, ExportEntry } from "./context.ts";
+import { DaemonDrivers } from "./driver-table.ts";
 import { asQmpError } from "./errors.ts";
 import { createLogger, type Logger, type LogLevel, type LogSink } from "./log.ts";
 import { applyOption, OptionHelp, type OptionName } from "./options.ts";
@@ -50,17 +25,22 @@ export interface DaemonOptions {
   qmp?: Omit<QmpServerOptions, "registry" | "onQuit">;
   /** Command-line style options applied in order, e.g. `[["blockdev", "null-co,node-name=n"]]`. */
   options?: readonly (readonly [OptionName, string])[];
+  /**
+   * Import each command module and the job manager on first use (default false: everything is loaded
+   * before `createDaemon` returns). blkd's command line sets it to start faster. Until a job command
+   * ran, {@link Daemon.jobs} throws; `await daemon.loadAll()` loads everything.
+   */
+  lazy?: boolean;
 }
 
 /** A running blkd: use its {@link Daemon.qmp} server, or {@link Daemon.execute} commands directly. */
 export class Daemon implements DaemonState, AsyncDisposable {
   readonly graph: BlockGraph = new BlockGraph();
-  readonly jobs: JobManager = new JobManager();
   readonly objects: Map<string, DaemonObject> = new Map();
   readonly throttleGroups: Map<string, ThrottleGroup> = new Map();
   readonly exports: Map<string, ExportEntry> = new Map();
-  readonly drivers: DriverRegistry;
-  readonly registry: CommandRegistry;
+  readonly drivers: DaemonDrivers;
+  readonly registry: LazyCommandRegistry;
   readonly qmp: QmpServer;
   readonly log: Logger;
   /** Chardevs declared with `--chardev` (`id` → listen address). */
@@ -70,7 +50,9 @@ export class Daemon implements DaemonState, AsyncDisposable {
   readonly shutdownRequested: Promise<string>;
   #resolveShutdown!: (reason: string) => void;
   #closing: Promise<void> | undefined;
-  #offJobs: () => void;
+  #jobs: JobManager | undefined;
+  #jobsLoading: Promise<JobManager> | undefined;
+  #offJobs: (() => void) | undefined;
 
   /** @internal Use {@link createDaemon}. */
   constructor(options: DaemonOptions = {}) {
@@ -78,35 +60,16 @@ export class Daemon implements DaemonState, AsyncDisposable {
     this.shutdownRequested = new Promise((resolve) => {
       this.#resolveShutdown = resolve;
     });
-    this.drivers = new DriverRegistry([
-      fileDriver,
-      rawDriver,
-      nullDriver,
-      { ...nullDriver, format: "null-aio" },
-      blkdebugDriver,
-      makeThrottleDriver(this.throttleGroups),
-      {
-        ...qcow2Driver,
-        // The daemon opens the header's backing file itself when `backing` is absent (withHeaderBacking),
-        // so a qcow2 node opened without a backing child was asked for `backing: null`.
-        open: (o, ctx) => qcow2Driver.open(ctx.children.has("backing") ? o : { ...o, backing: null }, ctx),
-      } satisfies typeof qcow2Driver,
-    ]);
-    this.registry = new CommandRegistry({ version: QMP_VERSION });
-    for (const c of [
-      ...nodeCommands(this),
-      ...bitmapCommands(this),
-      ...objectCommands(this),
-      ...jobCommands(this),
-      ...blockJobCommands(this),
-      ...exportCommands(this),
-      ...writeThresholdCommands(this),
-      ...snapshotCommands(this),
-      ...createCommands(this),
-      ...transactionCommands(this),
-      ...controlCommands(this.registry),
-    ])
-      this.registry.add(c);
+    this.drivers = new DaemonDrivers(this.throttleGroups, this);
+    this.registry = new LazyCommandRegistry({
+      version: QMP_VERSION,
+      state: this,
+      prepare: async (group: CommandGroup) => {
+        if (group.jobs === true) await this.loadJobs();
+        if (group.drivers === undefined) await this.drivers.loadAll();
+      },
+      beforeCall: { "blockdev-add": (args) => this.drivers.loadFor(args) },
+    });
     this.registry.add(
       defineCommand({
         name: "quit",
@@ -123,9 +86,43 @@ export class Daemon implements DaemonState, AsyncDisposable {
       registry: this.registry,
       onError: (e) => this.log.warn("qmp error", { error: String(e) }),
     });
-    this.#offJobs = this.jobs.onEvent((e) =>
-      this.emit(e.event, e.data as unknown as Record<string, unknown>),
-    );
+  }
+
+  /**
+   * The job manager.
+   * @throws {Error} in a lazy daemon before `@blk/jobs` was loaded (by a job command, {@link Daemon.loadJobs}
+   *   or {@link Daemon.loadAll})
+   */
+  get jobs(): JobManager {
+    if (this.#jobs === undefined)
+      throw new Error("blkd: the job manager is not loaded yet (lazy daemon): await daemon.loadJobs() first");
+    return this.#jobs;
+  }
+
+  /** Loads `@blk/jobs` and creates the job manager (once); its events become QMP events. */
+  loadJobs(): Promise<JobManager> {
+    if (this.#jobsLoading === undefined) {
+      const loading = (async () => {
+        const { JobManager } = await import("@blk/jobs");
+        const jobs = new JobManager();
+        this.#offJobs = jobs.onEvent((e) => this.emit(e.event, e.data as unknown as Record<string, unknown>));
+        this.#jobs = jobs;
+        return jobs;
+      })();
+      // A failed import may be retried by the next call.
+      loading.catch(() => {
+        if (this.#jobsLoading === loading) this.#jobsLoading = undefined;
+      });
+      this.#jobsLoading = loading;
+    }
+    return this.#jobsLoading;
+  }
+
+  /** Loads every command module, driver and the job manager (what a non-lazy daemon does at creation). */
+  async loadAll(): Promise<void> {
+    await this.loadJobs();
+    await this.drivers.loadAll();
+    await this.registry.loadAll();
   }
 
   /** Broadcasts a QMP event to every negotiated session. */
@@ -173,6 +170,8 @@ export class Daemon implements DaemonState, AsyncDisposable {
   }
 
   async #deleteExports(): Promise<void> {
+    if (this.exports.size === 0) return;
+    const { exportDel } = await import("./commands/exports.ts");
     for (const entry of [...this.exports.values()]) {
       try {
         await exportDel(this, entry, "hard");
@@ -190,11 +189,14 @@ export class Daemon implements DaemonState, AsyncDisposable {
     this.#closing ??= (async () => {
       this.log.info("shutting down");
       await this.#deleteExports();
-      if (this.nbd !== undefined) await nbdServerStop(this).catch(() => {});
-      await this.jobs
-        .cancelAll()
-        .catch((e: unknown) => this.log.warn("job cancel failed", { error: String(e) }));
-      this.#offJobs();
+      if (this.nbd !== undefined) {
+        const { nbdServerStop } = await import("./commands/exports.ts");
+        await nbdServerStop(this).catch(() => {});
+      }
+      // A job manager still loading has no jobs yet, but must not start any after this point.
+      const jobs = this.#jobs ?? (await this.#jobsLoading?.catch(() => undefined));
+      await jobs?.cancelAll().catch((e: unknown) => this.log.warn("job cancel failed", { error: String(e) }));
+      this.#offJobs?.();
       await this.#closeNodes();
       await this.qmp.close();
       this.log.info("shut down");
@@ -238,6 +240,7 @@ export class Daemon implements DaemonState, AsyncDisposable {
  */
 export async function createDaemon(options: DaemonOptions = {}): Promise<Daemon> {
   const daemon = new Daemon(options);
+  if (options.lazy !== true) await daemon.loadAll();
   for (const [name, arg] of options.options ?? []) {
     try {
       await daemon.apply(name, arg);

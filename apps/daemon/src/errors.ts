@@ -3,8 +3,16 @@
  * `BlkError`s, `ThrottleError`s and plain errors carry QEMU's message already and become GenericError;
  * `JobError`s keep their class (`DeviceNotActive` for `block-job-*` lookups).
  */
-import { isJobError } from "@blk/jobs";
-import { QmpError, toQmpError } from "@blk/qmp";
+import { QmpError, type QmpErrorClass, toQmpError } from "@blk/qmp";
+
+/**
+ * `@blk/jobs`' brand of its `JobError`s (what its `isJobError` tests), read here so that the error path
+ * does not load the jobs package in a daemon that has run no job.
+ */
+const kJobError = Symbol.for("@blk/job-error");
+
+const isJobError = (e: unknown): e is Error & { qmpClass: QmpErrorClass } =>
+  e instanceof Error && kJobError in e && typeof (e as { qmpClass?: unknown }).qmpClass === "string";
 
 /** A GenericError with `desc`. */
 export const generic = (desc: string, cause?: unknown): QmpError =>

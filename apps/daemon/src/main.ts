@@ -1,12 +1,12 @@
 /**
  * blkd's entry point: qemu-storage-daemon's command line (options applied in order), then run until
- * `quit`, SIGTERM or SIGINT, and shut down cleanly.
+ * `quit`, SIGTERM or SIGINT, and shut down cleanly. `--help`, `--version` and usage errors are answered
+ * before anything else is loaded; the daemon and its command modules are imported when needed.
  */
-import { unlinkSync, writeFileSync } from "node:fs";
-import { createDaemon, type Daemon } from "./daemon.ts";
-import { asQmpError } from "./errors.ts";
+import type { Daemon } from "./daemon.ts";
 import { jsonLinesTo } from "./log.ts";
-import { OptionHelp, type OptionName } from "./options.ts";
+import type { OptionName } from "./options.ts";
+import type { PidFile } from "./pidfile.ts";
 import { BLKD_VERSION } from "./version.ts";
 
 const PROG = "blkd";
@@ -23,7 +23,7 @@ blkd: a block-layer daemon compatible with qemu-storage-daemon 7.2's command lin
   --blockdev [driver=]<driver>[,node-name=<N>][,<option>=<value>...]
   --blockdev '<JSON BlockdevOptions>'
                          open a block node (as QMP blockdev-add); drivers: file, raw,
-                         qcow2, null-co, null-aio, throttle, blkdebug
+                         qcow2, nbd, null-co, null-aio, throttle, blkdebug
 
   --chardev socket,id=<id>,path=<path>,server=on[,wait=off]
   --chardev socket,id=<id>,host=<host>,port=<port>,server=on[,wait=off]
@@ -44,7 +44,10 @@ blkd: a block-layer daemon compatible with qemu-storage-daemon 7.2's command lin
            [,description=<text>][,bitmaps.0=<bitmap>][,allocation-depth=on|off]
                          export a node over NBD (as QMP block-export-add)
 
-  --pidfile <path>       write the process id to <path> once started; removed on exit
+  --daemonize            daemonize the process, and have the parent exit once the
+                         daemon is up (options applied, pid file written)
+  --pidfile <path>       write the process id to <path> once started (locked while
+                         blkd runs); removed on exit
 
 Options are applied in the order given. Logs go to stderr as JSON lines.
 `;
@@ -133,41 +136,67 @@ function* getopt(argv: readonly string[]): Generator<{ name: string; arg: string
 
 /**
  * Runs blkd with `argv` (without node and script): applies the options in order, then serves until
- * `quit`, SIGTERM or SIGINT. Returns the exit code (0 after a clean shutdown, 1 on a bad option).
+ * `quit`, SIGTERM or SIGINT. Returns the exit code (0 after a clean shutdown, 1 on a bad option). With
+ * `--daemonize`, returns 0 once a detached copy of blkd is up, or 1 with its error message.
  */
 export async function main(argv: readonly string[], io: MainIo = processIo): Promise<number> {
   const fail = (msg: string): number => {
     io.err(`${PROG}: ${msg}\n`);
     return 1;
   };
-  let daemon: Daemon | undefined;
-  let pidfile: string | undefined;
-  let pidfileWritten = false;
-  let offSignals: (() => void) | undefined;
+  // qemu-storage-daemon's first pass: usage errors, --help and --version before anything is applied.
+  const options: { name: string; arg: string | undefined }[] = [];
+  let daemonizeWanted = false;
+  let pidfilePath: string | undefined;
   try {
-    // Created at the first option that needs it, so that --help, --version and usage errors stay quiet.
+    for (const o of getopt(argv)) {
+      if (o.name === "help") {
+        io.out(helpText());
+        return 0;
+      }
+      if (o.name === "version") {
+        io.out(versionText());
+        return 0;
+      }
+      if (o.name === "daemonize") daemonizeWanted = true;
+      else if (o.name === "pidfile") pidfilePath = o.arg;
+      else if (o.name !== "trace") options.push(o);
+    }
+  } catch (e) {
+    if (e instanceof UsageError) return fail(e.message);
+    throw e;
+  }
+  let readyFd: number | undefined;
+  if (daemonizeWanted) {
+    const { daemonize, daemonPipeFd } = await import("./daemonize.ts");
+    readyFd = daemonPipeFd();
+    if (readyFd === undefined) return daemonize(argv, io);
+    // The daemonized child: files it creates get qemu-storage-daemon's umask.
+    process.umask(0o027);
+  }
+  let daemon: Daemon | undefined;
+  let pidfile: PidFile | undefined;
+  let offSignals: (() => void) | undefined;
+  // After a daemonized child reported it is up, nobody reads its stderr: logs go nowhere (as QEMU's).
+  let quiet = false;
+  const log = jsonLinesTo({
+    write: (s: string) => {
+      if (!quiet) io.err(s);
+    },
+  });
+  try {
+    const { createDaemon } = await import("./daemon.ts");
+    const { OptionHelp } = await import("./options.ts");
+    const { asQmpError } = await import("./errors.ts");
+    // Created at the first option that needs it.
     const start = async (): Promise<Daemon> => {
       if (daemon !== undefined) return daemon;
-      const d = await createDaemon({ log: jsonLinesTo({ write: (s: string) => io.err(s) }) });
+      const d = await createDaemon({ log, lazy: true });
       daemon = d;
       offSignals = io.onSignal((signal) => d.requestShutdown(signal));
       return d;
     };
-    for (const { name, arg } of getopt(argv)) {
-      if (name === "help") {
-        io.out(helpText());
-        return 0;
-      }
-      if (name === "version") {
-        io.out(versionText());
-        return 0;
-      }
-      if (name === "trace") continue;
-      if (name === "daemonize") return fail("--daemonize: not supported by blkd (run it under a supervisor)");
-      if (name === "pidfile") {
-        pidfile = arg;
-        continue;
-      }
+    for (const { name, arg } of options) {
       const d = await start();
       try {
         await d.apply(name as OptionName, arg as string);
@@ -180,29 +209,30 @@ export async function main(argv: readonly string[], io: MainIo = processIo): Pro
       }
     }
     const d = await start();
-    if (pidfile !== undefined) {
+    if (pidfilePath !== undefined) {
+      const { PidFile, PidFileError } = await import("./pidfile.ts");
       try {
-        writeFileSync(pidfile, `${process.pid}\n`);
-        pidfileWritten = true;
+        pidfile = PidFile.create(pidfilePath, (msg) => d.log.warn(msg));
       } catch (e) {
-        return fail(`cannot create PID file: ${(e as Error).message}`);
+        if (e instanceof PidFileError)
+          return fail(e.prefixed ? `cannot create PID file: ${e.message}` : e.message);
+        throw e;
       }
     }
     d.log.info("started", { pid: process.pid, version: BLKD_VERSION });
+    if (readyFd !== undefined) {
+      const { reportReady } = await import("./daemonize.ts");
+      reportReady(readyFd);
+      quiet = true;
+    }
     await d.shutdownRequested;
     return 0;
   } catch (e) {
-    if (e instanceof UsageError) return fail(e.message);
+    const { asQmpError } = await import("./errors.ts");
     return fail(asQmpError(e).desc);
   } finally {
     offSignals?.();
     await daemon?.close();
-    if (pidfileWritten && pidfile !== undefined) {
-      try {
-        unlinkSync(pidfile);
-      } catch {
-        // already gone
-      }
-    }
+    pidfile?.remove();
   }
 }

@@ -11,9 +11,6 @@ import {
   QSD_IMPLIED_KEYS,
 } from "@blk/qmp";
 import { THROTTLE_GROUP_X_PROPERTIES } from "@blk/throttle";
-import { blockExportAdd, nbdServerStart } from "./commands/exports.ts";
-import { BlockdevAddArgs, blockdevAdd } from "./commands/nodes.ts";
-import { OBJECT_TYPES, ObjectAddArgs, objectAdd } from "./commands/objects.ts";
 import type { DaemonState } from "./context.ts";
 import { generic } from "./errors.ts";
 
@@ -122,15 +119,15 @@ async function applyMonitor(t: OptionTarget, arg: string): Promise<void> {
   t.log.info("monitor listening", { chardev, ...addr });
 }
 
-function objectHelp(type: string | undefined): string {
-  if (type === undefined)
-    return `List of user creatable objects:\n${OBJECT_TYPES.map((t) => `  ${t}\n`).join("")}`;
-  if (!OBJECT_TYPES.includes(type)) throw generic(`invalid object type: ${type}`);
+function objectHelp(types: readonly string[], type: string | undefined): string {
+  if (type === undefined) return `List of user creatable objects:\n${types.map((t) => `  ${t}\n`).join("")}`;
+  if (!types.includes(type)) throw generic(`invalid object type: ${type}`);
   const lines = ["  limits=<ThrottleLimits>", ...THROTTLE_GROUP_X_PROPERTIES.map((p) => `  ${p}=<int>`)];
   return `${type} options:\n${lines.join("\n")}\n`;
 }
 
-function applyObject(t: OptionTarget, arg: string): void {
+async function applyObject(t: OptionTarget, arg: string): Promise<void> {
+  const { OBJECT_TYPES, ObjectAddArgs, objectAdd } = await import("./commands/objects.ts");
   let value: Record<string, unknown>;
   if (arg.startsWith("{")) {
     let parsed: unknown;
@@ -145,31 +142,36 @@ function applyObject(t: OptionTarget, arg: string): void {
   } else {
     const r = parseKeyvalWithHelp(arg, { impliedKey: QSD_IMPLIED_KEYS.object });
     const type = r.value["qom-type"];
-    if (r.help) throw new OptionHelp(objectHelp(typeof type === "string" ? type : undefined));
+    if (r.help) throw new OptionHelp(objectHelp(OBJECT_TYPES, typeof type === "string" ? type : undefined));
     value = r.value;
   }
   objectAdd(t, ObjectAddArgs.parse(value));
 }
 
 /**
- * Applies one option.
+ * Applies one option. The command module behind it is imported here, so that a command line loads only
+ * the modules its options use.
  * @throws {QmpError} with QEMU's message; {@link OptionHelp} for `--object help`
  */
 export async function applyOption(t: OptionTarget, option: OptionName, arg: string): Promise<void> {
   switch (option) {
-    case "blockdev":
-      await blockdevAdd(
-        t,
-        parseOptionArgument(BlockdevAddArgs, arg, { impliedKey: QSD_IMPLIED_KEYS.blockdev }),
-      );
+    case "blockdev": {
+      const { BlockdevAddArgs, blockdevAdd } = await import("./commands/nodes.ts");
+      const options = parseOptionArgument(BlockdevAddArgs, arg, { impliedKey: QSD_IMPLIED_KEYS.blockdev });
+      await t.drivers.loadFor(options);
+      await blockdevAdd(t, options);
       return;
+    }
     case "object":
-      applyObject(t, arg);
+      await applyObject(t, arg);
       return;
-    case "nbd-server":
+    case "nbd-server": {
+      const { nbdServerStart } = await import("./commands/exports.ts");
       await nbdServerStart(t, parseOptionArgument(NbdServerOptions, arg) as NbdServerOptions);
       return;
-    case "export":
+    }
+    case "export": {
+      const { blockExportAdd } = await import("./commands/exports.ts");
       blockExportAdd(
         t,
         parseOptionArgument(BlockExportOptions, arg, {
@@ -177,6 +179,7 @@ export async function applyOption(t: OptionTarget, option: OptionName, arg: stri
         }) as BlockExportOptions,
       );
       return;
+    }
     case "chardev":
       applyChardev(t, arg);
       return;

@@ -1,6 +1,6 @@
 /**
- * Commands that start block jobs: `blockdev-mirror`, `blockdev-backup`, `block-commit` and `block-stream`
- * (spec/qmp.md §3.3 argument
+ * Commands that start block jobs: `blockdev-mirror`, `blockdev-backup`, `block-commit` and `block-stream`,
+ * plus `drive-mirror` and `drive-backup` from drive.ts (spec/qmp.md §3.3 argument
  * tables, 7.2 defaults). The job drivers live in `@blk/jobs`; these handlers only validate the arguments
  * with QEMU's wording and hand them over. Job events reach QMP through the daemon's JobManager listener,
  * and the handlers return after the job is running, as QEMU does.
@@ -9,11 +9,17 @@ import { backup, commit, mirror, stream } from "@blk/jobs";
 import { type CommandDefinition, defineCommand, q } from "@blk/qmp";
 import type { DaemonState } from "../context.ts";
 import { qmpErrors } from "../errors.ts";
-
-const SyncMode = q.enum(["top", "full", "none", "incremental", "bitmap"], { name: "MirrorSyncMode" });
-const OnError = q.enum(["report", "ignore", "enospc", "stop", "auto"], { name: "BlockdevOnError" });
-const CopyMode = q.enum(["background", "write-blocking"], { name: "MirrorCopyMode" });
-const BitmapMode = q.enum(["on-success", "never", "always"], { name: "BitmapSyncMode" });
+import { driveCommands } from "./drive.ts";
+import {
+  BackupPerf,
+  BitmapMode,
+  CopyMode,
+  checkBackupNodes,
+  checkRoot,
+  lookupDevice,
+  OnError,
+  SyncMode,
+} from "./job-args.ts";
 
 const BlockdevMirror = q.object(
   {
@@ -31,17 +37,12 @@ const BlockdevMirror = q.object(
     "copy-mode": q.optional(CopyMode),
     "auto-finalize": q.optional(q.bool()),
     "auto-dismiss": q.optional(q.bool()),
+    // blk extension: `auto` switches from background to write-blocking when the guest outruns the copy.
+    "x-blk-copy-mode": q.optional(
+      q.enum(["background", "write-blocking", "auto"], { name: "XBlkMirrorCopyMode" }),
+    ),
   },
   { name: "blockdev-mirror-arg" },
-);
-
-const BackupPerf = q.object(
-  {
-    "use-copy-range": q.optional(q.bool()),
-    "max-workers": q.optional(q.int()),
-    "max-chunk": q.optional(q.int64()),
-  },
-  { name: "BackupPerf" },
 );
 
 /** `blockdev-backup`'s arguments (also a `transaction` action). */
@@ -61,6 +62,10 @@ export const BlockdevBackup = q.object(
     "auto-dismiss": q.optional(q.bool()),
     "filter-node-name": q.optional(q.str()),
     "x-perf": q.optional(BackupPerf),
+    // blk extensions: old data buffered in memory so guest writes need not wait for the target (bytes;
+    // 0 = QEMU's behaviour), and a cap on how long a guest write may wait for copy-before-write (ms).
+    "x-blk-cbw-buffer-size": q.optional(q.int()),
+    "x-blk-max-guest-stall": q.optional(q.int()),
   },
   { name: "BlockdevBackup" },
 );
@@ -105,13 +110,15 @@ function given<T extends object>(args: T): T {
   return Object.fromEntries(Object.entries(args).filter(([, v]) => v !== undefined)) as T;
 }
 
-/** `blockdev-mirror`, `blockdev-backup`, `block-commit` and `block-stream`. */
+/** `blockdev-mirror`, `blockdev-backup`, `block-commit`, `block-stream`, `drive-mirror`, `drive-backup`. */
 export function blockJobCommands(state: DaemonState): CommandDefinition<never, unknown>[] {
   return [
     defineCommand({
       name: "blockdev-mirror",
       args: BlockdevMirror,
       handler: async (args) => {
+        // QEMU's qmp_get_root_bs comes first (before the job's busy checks).
+        checkRoot(lookupDevice(state, args.device));
         await qmpErrors(() => mirror(state.jobs, state.graph, given(args)));
         return {};
       },
@@ -120,6 +127,7 @@ export function blockJobCommands(state: DaemonState): CommandDefinition<never, u
       name: "blockdev-backup",
       args: BlockdevBackup,
       handler: async (args) => {
+        checkBackupNodes(state, args);
         await qmpErrors(() => backup(state.jobs, { graph: state.graph, ...given(args) }));
         return {};
       },
@@ -140,5 +148,6 @@ export function blockJobCommands(state: DaemonState): CommandDefinition<never, u
         return {};
       },
     }),
+    ...driveCommands(state),
   ] as unknown as CommandDefinition<never, unknown>[];
 }

@@ -16,6 +16,7 @@ import {
 import type { DaemonState, ExportEntry } from "../context.ts";
 import { generic, qmpErrors } from "../errors.ts";
 import { lookupNode } from "./lookup.ts";
+import { tlsCredsObjects } from "./objects.ts";
 
 /** What `--nbd-server` and `nbd-server-start` both come down to (flat address). */
 export interface NbdServerConfig {
@@ -38,13 +39,19 @@ function listenAddress(addr: SocketAddress): NbdListenAddress {
 /** Starts the NBD server (`nbd-server-start`, `--nbd-server`). */
 export async function nbdServerStart(state: DaemonState, config: NbdServerConfig): Promise<void> {
   if (state.nbd !== undefined) throw generic("NBD server already running");
-  const tls = config["tls-creds"];
-  if (tls !== undefined) throw generic(`No TLS credentials with id '${tls}'`);
-  if (config["tls-authz"] !== undefined) throw generic("'tls-authz' requires 'tls-creds'");
+  const tlsId = config["tls-creds"];
+  const creds = tlsId === undefined ? undefined : tlsCredsObjects(state).get(tlsId)?.creds;
+  if (tlsId !== undefined && creds === undefined) throw generic(`No TLS credentials with id '${tlsId}'`);
+  if (creds !== undefined && creds.endpoint !== "server")
+    throw generic("Expected TLS credentials for a server endpoint");
+  // QEMU 7.2 ignores `tls-authz` without `tls-creds`; blkd has no authz objects to check clients with.
+  if (creds !== undefined && config["tls-authz"] !== undefined)
+    throw generic("blkd does not support 'tls-authz'");
   const address = listenAddress(config.addr);
   const server = new NbdServer({
     maxConnections: config["max-connections"],
     log: (message) => state.log.warn(message, { component: "nbd" }),
+    ...(creds === undefined ? {} : { tls: { creds } }),
   });
   state.nbd = server;
   try {

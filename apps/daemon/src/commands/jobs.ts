@@ -1,6 +1,7 @@
 /**
  * Job commands over {@link JobManager}: `query-jobs`, `query-block-jobs`, `job-*` and `block-job-*`
- * (spec/qmp.md §3.3). No job drivers (mirror, backup, …) exist yet; the verbs work on any job in the manager.
+ * (spec/qmp.md §3.3). The verbs work on any job in the manager: the block jobs that block-jobs.ts, drive.ts
+ * and `transaction` start, `create` jobs, and jobs other code adds to `daemon.jobs`.
  */
 import { type CommandDefinition, defineCommand, q } from "@blk/qmp";
 import type { DaemonState } from "../context.ts";
@@ -10,6 +11,8 @@ const IdArgs = q.object({ id: q.str() });
 const DeviceArgs = q.object({ device: q.str() });
 const CancelArgs = q.object({ device: q.str(), force: q.optional(q.bool(), false) });
 const SpeedArgs = q.object({ device: q.str(), speed: q.int() });
+/** blk extension of `query-jobs` / `query-block-jobs`: add the jobs' `x-blk-` fields (rates, ETA, mode). */
+const QueryArgs = q.object({ "x-blk-extensions": q.optional(q.bool(), false) });
 
 /** The job commands. */
 export function jobCommands(state: DaemonState): CommandDefinition<never, unknown>[] {
@@ -33,8 +36,16 @@ export function jobCommands(state: DaemonState): CommandDefinition<never, unknow
       },
     });
   return [
-    defineCommand({ name: "query-jobs", handler: () => jobs.queryJobs() }),
-    defineCommand({ name: "query-block-jobs", handler: () => jobs.queryBlockJobs() }),
+    defineCommand({
+      name: "query-jobs",
+      args: QueryArgs,
+      handler: (args) => jobs.queryJobs({ extensions: args["x-blk-extensions"] }),
+    }),
+    defineCommand({
+      name: "query-block-jobs",
+      args: QueryArgs,
+      handler: (args) => jobs.queryBlockJobs({ extensions: args["x-blk-extensions"] }),
+    }),
     byId("job-pause", (a) => jobs.jobPause(a)),
     byId("job-resume", (a) => jobs.jobResume(a)),
     byId("job-cancel", (a) => jobs.jobCancel(a)),

@@ -1,6 +1,6 @@
 /**
  * `transaction` (spec/qmp.md §3.5, jobs.md §1.11): actions `abort`, `block-dirty-bitmap-add/-remove/-clear/
- * -enable/-disable/-merge`, `blockdev-backup`, `blockdev-snapshot-sync`, `blockdev-snapshot`;
+ * -enable/-disable/-merge`, `blockdev-backup`, `drive-backup`, `blockdev-snapshot-sync`, `blockdev-snapshot`;
  * `properties.completion-mode` `individual` (default) or `grouped` (the backup jobs share one
  * {@link JobTxn}; every other action refuses it).
  *
@@ -24,6 +24,8 @@ import type { DaemonState } from "../context.ts";
 import { asQmpError, generic, qmpErrors } from "../errors.ts";
 import type { PreparedAction } from "./actions.ts";
 import { BlockdevBackup } from "./block-jobs.ts";
+import { DriveBackup, prepareDriveBackup } from "./drive.ts";
+import { checkBackupNodes } from "./job-args.ts";
 import { lookupNode } from "./lookup.ts";
 import { BlockdevSnapshot, BlockdevSnapshotSync, prepareSnapshot, prepareSnapshotSync } from "./snapshots.ts";
 
@@ -78,6 +80,7 @@ const TransactionAction = q.union({
     "blockdev-backup": wrap(BlockdevBackup),
     "blockdev-snapshot": wrap(BlockdevSnapshot),
     "blockdev-snapshot-sync": wrap(BlockdevSnapshotSync),
+    "drive-backup": wrap(DriveBackup),
   },
   name: "TransactionAction",
 });
@@ -213,6 +216,7 @@ function given<T extends object>(args: T): T {
 
 async function prepareBackup(ctx: Ctx, d: ReturnType<typeof BlockdevBackup.parse>): Promise<PreparedAction> {
   const { state } = ctx;
+  checkBackupNodes(state, d);
   const job = await qmpErrors(() =>
     createBackupJob(state.jobs, {
       graph: state.graph,
@@ -270,6 +274,8 @@ function prepare(ctx: Ctx, data: Data): Promise<PreparedAction> | PreparedAction
       return prepareBitmapMerge(ctx, data as ReturnType<typeof BitmapMerge.parse>);
     case "blockdev-backup":
       return prepareBackup(ctx, data as ReturnType<typeof BlockdevBackup.parse>);
+    case "drive-backup":
+      return prepareDriveBackup(state, data as ReturnType<typeof DriveBackup.parse>, ctx.txn);
     case "blockdev-snapshot-sync":
       checkCompletionMode(ctx);
       return prepareSnapshotSync(state, data as ReturnType<typeof BlockdevSnapshotSync.parse>);
