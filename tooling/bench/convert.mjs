@@ -4,8 +4,12 @@
 //
 //   node tooling/bench/convert.mjs                    (after `pnpm build`; needs qemu-img)
 //   BLK_BENCH_SIZE_MIB=2048 BLK_BENCH_ROUNDS=5 node tooling/bench/convert.mjs
+//   BLK_BENCH_CASES=raw,offload node tooling/bench/convert.mjs     (some cases only)
+//   BLK_BENCH_BASELINE=/path/to/other/apps/cli/bin/blk-img.js …   (also time another build, e.g. before a change)
 //
-// Cases: raw → raw and raw → qcow2 of a dense image (random data), and raw → raw of a half-sparse image.
+// Cases (keys for BLK_BENCH_CASES): `raw` dense raw → raw, `offload` the same with -C for both tools (copy
+// offload: copy_file_range), `qcow2` dense raw → qcow2, `sparse` half-sparse raw → raw, `qcow2-qcow2` a
+// dense qcow2 (made by qemu-img) → qcow2. Each output is checked with `qemu-img compare` before it counts.
 // The page cache is warm for both tools (the source is read once before the first round). Not a test.
 import { spawnSync } from "node:child_process";
 import { randomFillSync } from "node:crypto";
@@ -18,6 +22,7 @@ const root = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const MiB = 1024 * 1024;
 const sizeMiB = Number(process.env.BLK_BENCH_SIZE_MIB ?? 2048);
 const rounds = Number(process.env.BLK_BENCH_ROUNDS ?? 3);
+const only = process.env.BLK_BENCH_CASES?.split(",").filter((c) => c !== "");
 const blkImg = join(root, "apps/cli/bin/blk-img.js");
 if (!existsSync(join(root, "apps/cli/dist/main.js"))) {
   console.error("convert bench: run `pnpm build` first");
@@ -45,27 +50,47 @@ function makeImage(name, everyOther) {
   return path;
 }
 
-const dense = makeImage("dense.raw", false);
-const sparse = makeImage("sparse.raw", true);
-const cases = [
-  { name: "dense raw → raw", src: dense, fmt: "raw" },
-  { name: "dense raw → qcow2", src: dense, fmt: "qcow2" },
-  { name: "half-sparse raw → raw", src: sparse, fmt: "raw" },
+const all = [
+  { key: "raw", name: "dense raw → raw", src: "dense", fmt: "raw" },
+  { key: "offload", name: "dense raw → raw -C", src: "dense", fmt: "raw", flags: ["-C"] },
+  { key: "qcow2", name: "dense raw → qcow2", src: "dense", fmt: "qcow2" },
+  { key: "sparse", name: "half-sparse raw → raw", src: "sparse", fmt: "raw" },
+  { key: "qcow2-qcow2", name: "dense qcow2 → qcow2", src: "denseQcow2", srcFmt: "qcow2", fmt: "qcow2" },
 ];
+const cases = all.filter((c) => only === undefined || only.includes(c.key));
+if (cases.length === 0) {
+  console.error(`convert bench: no case among ${only}; cases: ${all.map((c) => c.key).join(", ")}`);
+  process.exit(2);
+}
+const images = {};
+const need = new Set(cases.map((c) => c.src));
+if (need.has("dense") || need.has("denseQcow2")) images.dense = makeImage("dense.raw", false);
+if (need.has("sparse")) images.sparse = makeImage("sparse.raw", true);
+if (need.has("denseQcow2")) {
+  images.denseQcow2 = join(dir, "dense.qcow2");
+  const r = spawnSync("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", images.dense, images.denseQcow2]);
+  if (r.status !== 0) throw new Error(`qemu-img could not make the qcow2 source: ${r.stderr}`);
+  spawnSync("cat", [images.denseQcow2], { stdio: ["ignore", "ignore", "ignore"], maxBuffer: 0 });
+}
+const baseline = process.env.BLK_BENCH_BASELINE;
 const tools = {
-  "qemu-img": (src, dst, fmt) => ["qemu-img", ["convert", "-f", "raw", "-O", fmt, src, dst]],
-  "blk-img": (src, dst, fmt) => [process.execPath, [blkImg, "convert", "-f", "raw", "-O", fmt, src, dst]],
+  "qemu-img": (argv) => ["qemu-img", argv],
+  "blk-img": (argv) => [process.execPath, [blkImg, ...argv]],
+  ...(baseline === undefined ? {} : { baseline: (argv) => [process.execPath, [baseline, ...argv]] }),
 };
+const names = Object.keys(tools);
 
 function run(tool, c) {
   const dst = join(dir, `out.${c.fmt}`);
   rmSync(dst, { force: true });
-  const [cmd, args] = tools[tool](c.src, dst, c.fmt);
+  const src = images[c.src];
+  const srcFmt = c.srcFmt ?? "raw";
+  const [cmd, args] = tools[tool](["convert", ...(c.flags ?? []), "-f", srcFmt, "-O", c.fmt, src, dst]);
   const t = performance.now();
   const r = spawnSync(cmd, args, { stdio: ["ignore", "ignore", "pipe"] });
   const secs = (performance.now() - t) / 1000;
   if (r.status !== 0) throw new Error(`${tool} failed on ${c.name}: ${r.stderr}`);
-  const cmp = spawnSync("qemu-img", ["compare", "-f", "raw", "-F", c.fmt, c.src, dst]);
+  const cmp = spawnSync("qemu-img", ["compare", "-f", srcFmt, "-F", c.fmt, src, dst]);
   if (cmp.status !== 0) throw new Error(`${tool}'s output differs from the source on ${c.name}`);
   rmSync(dst, { force: true });
   return sizeMiB / secs;
@@ -75,18 +100,21 @@ const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 console.log(
   `convert benchmark: ${sizeMiB} MiB images, ${rounds} alternating rounds, median MiB/s (virtual size / time)`,
 );
+const col = (t) => t.padStart(10);
 console.log(
-  `${"case".padEnd(24)}${"qemu-img".padStart(10)}${"blk-img".padStart(10)}${"blk/qemu".padStart(10)}`,
+  `${"case".padEnd(26)}${names.map(col).join("")}${col("blk/qemu")}${baseline === undefined ? "" : col("base/qemu")}`,
 );
 for (const c of cases) {
-  const res = { "qemu-img": [], "blk-img": [] };
+  const res = Object.fromEntries(names.map((t) => [t, []]));
   for (let round = 0; round < rounds; round++) {
-    const order = round % 2 === 0 ? ["qemu-img", "blk-img"] : ["blk-img", "qemu-img"];
+    // Alternate which tool goes first.
+    const order = round % 2 === 0 ? names : [...names].reverse();
     for (const tool of order) res[tool].push(run(tool, c));
   }
-  const q = median(res["qemu-img"]);
-  const b = median(res["blk-img"]);
+  const med = Object.fromEntries(names.map((t) => [t, median(res[t])]));
+  const q = med["qemu-img"];
+  const ratio = (t) => col(`${(med[t] / q).toFixed(2)}x`);
   console.log(
-    `${c.name.padEnd(24)}${q.toFixed(0).padStart(10)}${b.toFixed(0).padStart(10)}${`${(b / q).toFixed(2)}x`.padStart(10)}`,
+    `${c.name.padEnd(26)}${names.map((t) => col(med[t].toFixed(0))).join("")}${ratio("blk-img")}${baseline === undefined ? "" : ratio("baseline")}`,
   );
 }

@@ -2,7 +2,8 @@
  * A filter node that shows `[base, base+length)` of its child as a whole device, finds zero runs in the
  * data written to it and can drop zero writes: `convert` writes each source through one, at the
  * source's place in the target, leaves zero runs of at least `-S` bytes unwritten, and drops zero writes
- * when the target is known to read as zeroes (a fresh image, `--target-is-zero`).
+ * when the target is known to read as zeroes (a fresh image, `--target-is-zero`). With `-C` it passes copy
+ * offload down to the target's file.
  */
 import {
   type BlockDriver,
@@ -10,6 +11,7 @@ import {
   type BlockNode,
   backendParent,
   CHILD_ROLE,
+  type CopyRangeSource,
   type Edge,
   FilterDriverState,
   PERM,
@@ -17,6 +19,7 @@ import {
   type WriteFlags,
   type ZeroFlags,
 } from "@blk/core";
+import { RawState } from "@blk/drivers";
 
 /** Options of the window filter. */
 export interface WindowOptions {
@@ -50,17 +53,33 @@ export interface SparseRun {
 export function sparseRuns(buf: Uint8Array, sector: number, minSectors: number, align: number): SparseRun[] {
   const n = Math.ceil(buf.length / SECTOR);
   const zero = new Uint8Array(n);
+  // Whole sectors are checked a word at a time when the buffer is aligned for it.
+  const words =
+    buf.byteOffset % 4 === 0 ? new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2) : null;
+  let anyZero = false;
   for (let s = 0; s < n; s++) {
     let z = 1;
     const end = Math.min(buf.length, (s + 1) * SECTOR);
-    for (let i = s * SECTOR; i < end; i++) {
-      if (buf[i] !== 0) {
-        z = 0;
-        break;
+    if (words !== null && end - s * SECTOR === SECTOR) {
+      for (let w = s * (SECTOR / 4), we = w + SECTOR / 4; w < we; w++) {
+        if (words[w] !== 0) {
+          z = 0;
+          break;
+        }
+      }
+    } else {
+      for (let i = s * SECTOR; i < end; i++) {
+        if (buf[i] !== 0) {
+          z = 0;
+          break;
+        }
       }
     }
     zero[s] = z;
+    if (z === 1) anyZero = true;
   }
+  // No zero sector: all data, one run (what the run splitting below would find, only sooner).
+  if (!anyZero) return n === 0 ? [] : [{ start: 0, end: buf.length, zero: false }];
   // One run from `p` (at most `len` sectors): is it data, and how long.
   const run = (p: number, len: number): { data: boolean; count: number } => {
     let isZero = zero[p] === 1;
@@ -111,6 +130,25 @@ export function sparseRuns(buf: Uint8Array, sector: number, minSectors: number, 
   return out;
 }
 
+/**
+ * Where copy offload reaches `node`'s data: a `raw` node without an offset or size window, which no
+ * probing guards, holds its file's bytes as they are, so offload goes to its `file` child (through the
+ * raw node's edge) until the raw driver passes copy offload on itself; any other node is used as it is.
+ */
+export function offloadEnd(node: BlockNode): { node: BlockNode; via?: Edge } {
+  const file = node.children.get("file");
+  const state = node.closed ? undefined : node.state;
+  if (
+    state instanceof RawState &&
+    state.probedGuard === undefined &&
+    file !== undefined &&
+    (file.role & CHILD_ROLE.FILTERED) !== 0
+  ) {
+    return { node: file.child, via: file };
+  }
+  return { node };
+}
+
 class WindowState extends FilterDriverState {
   readonly #o: WindowOptions;
   constructor(child: Edge, o: WindowOptions) {
@@ -146,6 +184,18 @@ class WindowState extends FilterDriverState {
   }
   protected override async _getLength(): Promise<number> {
     return this.#o.length;
+  }
+
+  /**
+   * Copy offload into the child at the window's place. The data is not looked at, so no zero runs are
+   * found in it (as with qemu-img -C); when offload is refused, the data is written and searched as usual.
+   */
+  copyRangeTo(src: CopyRangeSource, offset: number, bytes: number): Promise<void> {
+    return this.request(async () => {
+      const end = offloadEnd(this.child.child);
+      const via = end.via ?? this.child;
+      await end.node.copyRangeTo(src, offset + this.#o.base, bytes, { via });
+    });
   }
 }
 

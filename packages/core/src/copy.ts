@@ -7,10 +7,10 @@
  */
 import { type Clock, type RateLimit, systemClock } from "@blk/throttle";
 import type { DirtyBitmap } from "./dirty-bitmap.ts";
-import type { BlockStatusExtent } from "./driver.ts";
-import { BlkError, toBlkError } from "./errors.ts";
+import type { BlockStatusExtent, CopyRangeDest } from "./driver.ts";
+import { BlkError, isBlkError, toBlkError } from "./errors.ts";
 import type { Edge } from "./graph.ts";
-import type { BlockNode } from "./node.ts";
+import { BlockNode } from "./node.ts";
 
 /** Where the engine reads or writes: a node, or an edge (permission-checked I/O). */
 export type CopyEndpoint = BlockNode | Edge;
@@ -39,6 +39,8 @@ export interface CopyProgress {
   zeroed: number;
   /** Bytes skipped as unallocated. */
   skipped: number;
+  /** Bytes of `copied` that copy offload copied (absent: none). */
+  offloaded?: number;
 }
 
 /** Options of {@link CopyEngine}. */
@@ -66,6 +68,24 @@ export interface CopyEngineOptions {
   zeroes?: "unmap" | "write-zeroes";
   /** Also write zeroes when data read turns out all zero (`qemu-img convert` does; block-copy does not). */
   detectZeroBuffers?: boolean;
+  /**
+   * Copy data ranges with copy offload ({@link BlockNode.copyRange}: no buffer, the data is not looked at,
+   * so `detectZeroBuffers` does not apply to them) where the source and target support it together. The
+   * first refusal (`ENOTSUP`) turns it off for the engine and that range is read and written instead.
+   */
+  copyOffload?: boolean;
+  /**
+   * Chunks write in the order they started: each reads at once but waits for the chunks before it to
+   * finish writing (as `qemu-img convert` does without `-W`), so a target that allocates as it is written
+   * (qcow2) lays the data out in guest order. Default: each chunk writes as soon as it has read.
+   */
+  inOrderWrites?: boolean;
+  /**
+   * Allocates the chunk buffers (each `chunkSize` bytes, reused from chunk to chunk): e.g. page-aligned
+   * ones, which the kernel copies to and from files faster (the file driver's `alignedBuffer`). Default
+   * `new Uint8Array`.
+   */
+  allocBuffer?: (bytes: number) => Uint8Array;
   /** Speed limit on bytes started (data and zeroes; skipped ranges are free). */
   rateLimit?: RateLimit;
   /** Clock for the rate-limit sleeps (default the system clock). */
@@ -85,6 +105,8 @@ export interface CopyResult {
   copied: number;
   zeroed: number;
   skipped: number;
+  /** Bytes of `copied` that copy offload copied. */
+  offloaded: number;
   /** Chunks that failed with action `continue` (their bits are set again). */
   errors: CopyError[];
 }
@@ -104,6 +126,13 @@ interface Segment {
   kind: Kind;
 }
 
+/** A chunk's place in the write order (`inOrderWrites`): `turn` settles when the chunks before it wrote. */
+interface WriteTurn {
+  readonly turn: Promise<void>;
+  readonly release: () => void;
+  taken: boolean;
+}
+
 class ChunkFailure extends Error {
   readonly operation: "read" | "write";
   readonly error: BlkError;
@@ -112,6 +141,18 @@ class ChunkFailure extends Error {
     this.operation = operation;
     this.error = error;
   }
+}
+
+/** Most bytes of idle chunk buffers an engine keeps for reuse (and never more buffers than workers). */
+const POOL_BYTES = 32 << 20;
+
+/** Copy offload of `[offset, offset+bytes)` between the same offsets of two endpoints. */
+function offload(source: CopyEndpoint, target: CopyEndpoint, offset: number, bytes: number): Promise<void> {
+  const dst: CopyRangeDest =
+    target instanceof BlockNode ? { node: target, offset } : { node: target.child, offset, via: target };
+  return source instanceof BlockNode
+    ? source.copyRange(offset, bytes, dst)
+    : source.child.copyRange(offset, bytes, dst, { via: source });
 }
 
 function allZero(buf: Uint8Array): boolean {
@@ -155,6 +196,11 @@ export class CopyEngine {
   #wake: (() => void) | undefined;
   #clock: Clock;
   #running = false;
+  #offload: boolean;
+  /** Idle chunk buffers (each `chunkSize` bytes), reused so a pass allocates only what runs at once. */
+  #pool: Uint8Array[] = [];
+  /** The memory of the chunk buffers this engine allocated (what may go back to the pool). */
+  #own = new WeakSet<ArrayBufferLike>();
 
   constructor(options: CopyEngineOptions) {
     this.options = options;
@@ -164,6 +210,7 @@ export class CopyEngine {
     const want = Math.min(options.chunkSize ?? Math.max(g, 1 << 20), this.maxBufferBytes);
     this.chunkSize = Math.max(g, Math.floor(want / g) * g);
     this.#clock = options.clock ?? systemClock;
+    this.#offload = options.copyOffload ?? false;
     options.signal?.addEventListener("abort", () => this.cancel(), { once: true });
   }
 
@@ -174,6 +221,11 @@ export class CopyEngine {
   cancel(): void {
     this.#cancelled = true;
     this.wake();
+  }
+
+  /** True while copy offload is asked for and no pair has refused it yet. */
+  get offloading(): boolean {
+    return this.#offload;
   }
 
   /** True once cancelled. */
@@ -225,13 +277,14 @@ export class CopyEngine {
       return await this.#run(range);
     } finally {
       this.#running = false;
+      this.#pool.length = 0;
     }
   }
 
   async #run(range: { offset?: number; bytes?: number }): Promise<CopyResult> {
     const { bitmap } = this.options;
     const g = bitmap.granularity;
-    const result: CopyResult = { copied: 0, zeroed: 0, skipped: 0, errors: [] };
+    const result: CopyResult = { copied: 0, zeroed: 0, skipped: 0, offloaded: 0, errors: [] };
     const start = Math.floor((range.offset ?? 0) / g) * g;
     const end = Math.min(
       bitmap.size,
@@ -240,6 +293,7 @@ export class CopyEngine {
     const running = new Set<Promise<void>>();
     const st: { failure: BlkError | undefined } = { failure: undefined };
     let pos = start;
+    let writesBefore: Promise<void> = Promise.resolve();
     // Functions, not expressions: both change while this loop awaits.
     const stopped = (): boolean => this.#cancelled || st.failure !== undefined;
     const fits = (bytes: number): boolean =>
@@ -265,7 +319,13 @@ export class CopyEngine {
       // block status has classified it; the I/O then runs in the background.
       let planned!: (bytes: number) => void;
       const plan = new Promise<number>((r) => (planned = r));
-      const task: Promise<void> = this.#task(area.start, area.count, result, true, planned).then(
+      let order: WriteTurn | undefined;
+      if (this.options.inOrderWrites === true) {
+        let release!: () => void;
+        order = { turn: writesBefore, release: () => release(), taken: false };
+        writesBefore = new Promise<void>((r) => (release = r));
+      }
+      const task: Promise<void> = this.#task(area.start, area.count, result, true, planned, order).then(
         (f) => {
           if (f !== undefined) st.failure ??= f;
         },
@@ -297,7 +357,7 @@ export class CopyEngine {
     const g = bitmap.granularity;
     const start = Math.floor(offset / g) * g;
     const end = Math.min(bitmap.size, Math.ceil((offset + bytes) / g) * g);
-    const result: CopyResult = { copied: 0, zeroed: 0, skipped: 0, errors: [] };
+    const result: CopyResult = { copied: 0, zeroed: 0, skipped: 0, offloaded: 0, errors: [] };
     for (;;) {
       const busy = [...this.#tasks].filter((t) => t.start < end && start < t.end);
       if (busy.length > 0) {
@@ -320,8 +380,9 @@ export class CopyEngine {
     result: CopyResult,
     background: boolean,
     planned?: (bytes: number) => void,
+    order?: WriteTurn,
   ): Promise<BlkError | undefined> {
-    const done = this.#chunk(offset, bytes, result, background, planned);
+    const done = this.#chunk(offset, bytes, result, background, planned, order);
     const entry = { start: offset, end: offset + bytes, done };
     this.#tasks.add(entry);
     return done.finally(() => this.#tasks.delete(entry));
@@ -333,6 +394,7 @@ export class CopyEngine {
     result: CopyResult,
     background: boolean,
     planned?: (bytes: number) => void,
+    order?: WriteTurn,
   ): Promise<BlkError | undefined> {
     const s = this.stats;
     s.inFlight++;
@@ -346,10 +408,11 @@ export class CopyEngine {
       for (const seg of segments) if (seg.kind !== "skip") work += seg.length;
       planned?.(work);
       planned = undefined;
-      for (const seg of segments) await this.#segment(seg, p);
+      for (const seg of segments) await this.#segment(seg, p, order);
       result.copied += p.copied;
       result.zeroed += p.zeroed;
       result.skipped += p.skipped;
+      result.offloaded += p.offloaded ?? 0;
       this.options.onProgress?.(p);
       return undefined;
     } catch (e) {
@@ -366,27 +429,49 @@ export class CopyEngine {
       planned?.(0);
       s.inFlight--;
       s.bufferBytesInFlight -= bytes;
+      // The next chunk's turn comes once this one and every one before it are done.
+      if (order !== undefined) void order.turn.then(order.release);
     }
   }
 
-  async #segment(seg: Segment, p: CopyProgress): Promise<void> {
+  async #segment(seg: Segment, p: CopyProgress, order?: WriteTurn): Promise<void> {
     const { source, target } = this.options;
     if (seg.kind === "skip") {
       p.skipped += seg.length;
       return;
     }
+    const myTurn = async (): Promise<void> => {
+      if (order === undefined || order.taken) return;
+      await order.turn;
+      order.taken = true;
+    };
     const mayUnmap = (this.options.zeroes ?? "unmap") === "unmap";
     if (seg.kind === "data") {
-      const buf = new Uint8Array(seg.length);
+      if (this.#offload) {
+        await myTurn();
+        try {
+          await offload(source, target, seg.offset, seg.length);
+          p.copied += seg.length;
+          p.offloaded = (p.offloaded ?? 0) + seg.length;
+          return;
+        } catch (e) {
+          // Refused (this pair cannot offload): read and write from now on. Anything else failed the copy.
+          if (!isBlkError(e, "ENOTSUP")) throw new ChunkFailure("write", toBlkError(e));
+          this.#offload = false;
+        }
+      }
+      const buf = this.#takeBuffer(seg.length);
       try {
         await source.readInto(seg.offset, buf);
       } catch (e) {
+        // Not reused: a driver may still be filling it from a request that failed early.
         throw new ChunkFailure("read", toBlkError(e));
       }
       const runs =
         this.options.detectZeroBuffers === true
           ? zeroRuns(buf, this.options.bitmap.granularity)
           : [{ start: 0, end: buf.length, zero: false }];
+      await myTurn();
       for (const r of runs) {
         try {
           if (r.zero) await target.writeZeroes(seg.offset + r.start, r.end - r.start, { mayUnmap });
@@ -397,14 +482,34 @@ export class CopyEngine {
         if (r.zero) p.zeroed += r.end - r.start;
         else p.copied += r.end - r.start;
       }
+      this.#giveBuffer(buf);
       return;
     }
+    await myTurn();
     try {
       await target.writeZeroes(seg.offset, seg.length, { mayUnmap });
     } catch (e) {
       throw new ChunkFailure("write", toBlkError(e));
     }
     p.zeroed += seg.length;
+  }
+
+  /** A buffer of `bytes` bytes (at most `chunkSize`), from the pool when one is idle; contents undefined. */
+  #takeBuffer(bytes: number): Uint8Array {
+    if (bytes > this.chunkSize) return new Uint8Array(bytes);
+    let whole = this.#pool.pop();
+    if (whole === undefined) {
+      whole = this.options.allocBuffer?.(this.chunkSize) ?? new Uint8Array(this.chunkSize);
+      this.#own.add(whole.buffer);
+    }
+    return whole.subarray(0, bytes);
+  }
+
+  /** Returns a buffer of {@link CopyEngine.#takeBuffer} once no request uses it any more. */
+  #giveBuffer(buf: Uint8Array): void {
+    const max = Math.min(this.maxWorkers, Math.max(1, Math.floor(POOL_BYTES / this.chunkSize)));
+    if (!this.#own.has(buf.buffer) || this.#pool.length >= max) return;
+    this.#pool.push(new Uint8Array(buf.buffer, buf.byteOffset, this.chunkSize));
   }
 
   /** Splits a chunk by block status into data/zero/skip runs of whole granules. */
@@ -429,30 +534,40 @@ export class CopyEngine {
     const kindOf = (e: BlockStatusExtent): Kind => (skip && !e.allocated ? "skip" : e.zero ? "zero" : "data");
     const g = this.options.bitmap.granularity;
     const end = offset + bytes;
+    const add = (list: Segment[], s: number, e: number, kind: Kind): void => {
+      if (e <= s) return;
+      const last = list.at(-1);
+      if (last !== undefined && last.kind === kind && last.offset + last.length === s) last.length += e - s;
+      else list.push({ offset: s, length: e - s, kind });
+    };
+    // The extents as runs of one kind over [offset, end); what no extent covers is data.
+    const runs: Segment[] = [];
+    let pos = offset;
+    for (const e of extents) {
+      if (e.offset >= end) break;
+      const s = Math.max(e.offset, pos);
+      const t = Math.min(e.offset + e.length, end);
+      if (t <= s) continue;
+      add(runs, pos, s, "data");
+      add(runs, s, t, kindOf(e));
+      pos = t;
+    }
+    add(runs, pos, end, "data");
+    // Whole granules only: a granule a zero or skip run covers in part is data (the last granule of the
+    // chunk may be short).
     const out: Segment[] = [];
-    let ei = 0;
-    for (let gs = offset; gs < end; gs += g) {
-      const ge = Math.min(gs + g, end);
-      // Extents overlapping [gs, ge): one kind for all of them, else the granule is copied as data.
-      while (ei < extents.length) {
-        const e = extents[ei];
-        if (e === undefined || e.offset + e.length > gs) break;
-        ei++;
+    for (const r of runs) {
+      const s = r.offset;
+      const e = r.offset + r.length;
+      if (r.kind === "data") {
+        add(out, s, e, "data");
+        continue;
       }
-      let kind: Kind | undefined;
-      let covered = gs;
-      for (let j = ei; j < extents.length; j++) {
-        const e = extents[j];
-        if (e === undefined || e.offset >= ge) break;
-        const k = kindOf(e);
-        kind = kind === undefined || kind === k ? k : "data";
-        covered = Math.max(covered, e.offset + e.length);
-      }
-      if (kind === undefined || covered < ge) kind = "data";
-      const last = out.at(-1);
-      if (last !== undefined && last.kind === kind && last.offset + last.length === gs)
-        last.length += ge - gs;
-      else out.push({ offset: gs, length: ge - gs, kind });
+      const inner = Math.min(e, offset + Math.ceil((s - offset) / g) * g);
+      const innerEnd = e === end ? end : Math.max(inner, offset + Math.floor((e - offset) / g) * g);
+      add(out, s, inner, "data");
+      add(out, inner, innerEnd, r.kind);
+      add(out, innerEnd, e, "data");
     }
     return out;
   }

@@ -9,6 +9,7 @@ import type { ArgsSchema } from "@blk/qmp";
 import type { DirtyBitmap } from "./dirty-bitmap.ts";
 import { BlkError } from "./errors.ts";
 import type { Edge } from "./graph.ts";
+import type { BlockNode } from "./node.ts";
 import type { NodeOptions } from "./node-options.ts";
 
 /** One extent of block status, shaped so `qemu-img map` JSON and NBD `base:allocation` derive from it. */
@@ -102,6 +103,23 @@ export interface CheckResult {
   fragmentedClusters?: number;
 }
 
+/**
+ * Copy offload, as the target's driver sees the source: the driver state that holds the data (the bottom
+ * of the source's pass-through nodes, e.g. a `file` state) and where the data starts in it.
+ */
+export interface CopyRangeSource {
+  readonly state: BlockDriverState;
+  readonly offset: number;
+}
+
+/** Copy offload, as the source's driver sees the target: the node to store into and where. */
+export interface CopyRangeDest {
+  readonly node: BlockNode;
+  readonly offset: number;
+  /** The edge the copy writes through (permission-checked), if any. */
+  readonly via?: Edge;
+}
+
 /** Capabilities derived from what a driver state implements. */
 export interface DriverCapabilities {
   writeZeroes: boolean;
@@ -134,6 +152,19 @@ export interface BlockDriverState {
   truncate(length: number, flags?: TruncateFlags): Promise<void>;
   info(): Promise<BlockDriverInfo>;
   check(options?: { repair?: "leaks" | "all" }): Promise<CheckResult>;
+  /**
+   * Copy offload, source side (QEMU's `copy_range_from`): copies `bytes` bytes at `offset` to `dst` without
+   * reading them into a buffer, by passing the request down to the state holding the data, which calls
+   * `dst.node.copyRangeTo`. Absent: this node cannot be a copy-offload source.
+   * @throws {BlkError} ENOTSUP when this pair cannot offload (the caller then reads and writes)
+   */
+  copyRangeFrom?(offset: number, bytes: number, dst: CopyRangeDest): Promise<void>;
+  /**
+   * Copy offload, target side (QEMU's `copy_range_to`): stores `bytes` bytes of `src` at `offset`.
+   * Absent: this node cannot be a copy-offload target.
+   * @throws {BlkError} ENOTSUP when this pair cannot offload (the caller then reads and writes)
+   */
+  copyRangeTo?(src: CopyRangeSource, offset: number, bytes: number): Promise<void>;
   /** Runs `fn` with no request in flight; requests issued meanwhile wait (QEMU's drained section). */
   drained<T>(fn: () => Promise<T> | T): Promise<T>;
   /** Drains, then closes. Idempotent: every call returns the same promise. */
@@ -299,6 +330,14 @@ export abstract class BlockDriverBase implements BlockDriverState {
   #waitIdle(): Promise<void> {
     if (this.#inFlight === 0) return Promise.resolve();
     return new Promise((resolve) => this.#idle.push(resolve));
+  }
+
+  /**
+   * Runs `fn` as a queued request, drained and closed around like reads and writes: for the optional
+   * request methods a subclass adds (copy offload).
+   */
+  protected request<T>(fn: () => Promise<T>): Promise<T> {
+    return this.#run(fn);
   }
 
   /** Queued {@link BlockDriverBase._read}. */

@@ -27,6 +27,8 @@ export {
   type BlockStatusFlags,
   type CheckResult,
   type ChildOptionDecl,
+  type CopyRangeDest,
+  type CopyRangeSource,
   type DriverCapabilities,
   type DriverKind,
   type FlushFlags,

@@ -15,10 +15,12 @@ import type {
   BlockDriverState,
   BlockStatusExtent,
   CheckResult,
+  CopyRangeDest,
+  CopyRangeSource,
   TruncateFlags,
   ZeroFlags,
 } from "./driver.ts";
-import { BlkError } from "./errors.ts";
+import { BlkError, isBlkError } from "./errors.ts";
 import type { BlockGraph, Edge } from "./graph.ts";
 import { type NodeOptions, resolveNodeOptions } from "./node-options.ts";
 import { CHILD_ROLE, PERM } from "./perm.ts";
@@ -144,6 +146,16 @@ function isAllZero(data: Uint8Array): boolean {
   }
   for (; i < n; i++) if (data[i] !== 0) return false;
   return true;
+}
+
+/** Copy offload refused: the caller copies with read and write instead. */
+function offloadRefused(offset: number): BlkError {
+  return new BlkError("ENOTSUP", "Copy offloading is not supported", { offset });
+}
+
+/** True for an error that only says copy offload is impossible ({@link BlockNode.copyRange}). */
+function isOffloadRefusal(e: unknown): boolean {
+  return isBlkError(e, "ENOTSUP");
 }
 
 type Kind = "rd" | "wr" | "unmap" | "flush";
@@ -470,6 +482,81 @@ export class BlockNode {
     } finally {
       await this.#afterWrite(req, offset, bytes, ok, false);
       this.#account("wr", bytes, t0, ok);
+    }
+  }
+
+  /**
+   * Copy offload, source side (QEMU's `bdrv_co_copy_range`): copies `bytes` bytes at `offset` to `dst`
+   * without a buffer, as a read of this node (range check, request tracking, statistics).
+   * @throws {BlkError} ENOTSUP when the pair cannot offload: the caller then reads and writes
+   */
+  async copyRange(
+    offset: number,
+    bytes: number,
+    dst: CopyRangeDest,
+    opts: RequestOptions = {},
+  ): Promise<void> {
+    if (this.#gate !== undefined) await this.#waitGate();
+    const state = this.state;
+    this.#checkRange(offset, bytes, "rd", false);
+    const from = state.copyRangeFrom?.bind(state);
+    if (from === undefined) throw offloadRefused(offset);
+    const req = this.tracker.begin({ offset, bytes, serialising: opts.serialising ?? false, kind: "read" });
+    const t0 = now();
+    let ok = false;
+    let refused = false;
+    try {
+      if (opts.noSerialising !== true) await req.waitForOverlapping();
+      await split(state.limits.maxTransfer, offset, bytes, (o, n) =>
+        from(o, n, { ...dst, offset: dst.offset + (o - offset) }),
+      );
+      ok = true;
+    } catch (e) {
+      refused = isOffloadRefusal(e);
+      throw e;
+    } finally {
+      req.end();
+      // A refusal is no failed read: the caller reads the data next.
+      if (!refused) this.#account("rd", bytes, t0, ok);
+    }
+  }
+
+  /**
+   * Copy offload, target side: stores `bytes` bytes of `src` at `offset` as a write of this node
+   * (permissions, range, request tracking, write threshold, dirty bitmaps, statistics). Refused while
+   * before-write notifiers or `detect-zeroes` need to see the data.
+   * @throws {BlkError} ENOTSUP when the pair cannot offload: the caller then reads and writes
+   */
+  async copyRangeTo(
+    src: CopyRangeSource,
+    offset: number,
+    bytes: number,
+    opts: RequestOptions = {},
+  ): Promise<void> {
+    if (this.#gate !== undefined) await this.#waitGate();
+    const state = this.state;
+    this.#checkWritable("wr", opts.via, false);
+    this.#checkRange(offset, bytes, "wr", this.#allowGrow(opts.via));
+    const to = state.copyRangeTo?.bind(state);
+    if (to === undefined || this.options.detectZeroes !== "off") throw offloadRefused(offset);
+    const req = this.tracker.begin({ offset, bytes, serialising: opts.serialising ?? false, kind: "write" });
+    const t0 = now();
+    let ok = false;
+    let refused = false;
+    try {
+      await req.waitForOverlapping();
+      if (this.beforeWrite.size > 0) throw offloadRefused(offset);
+      this.#checkThreshold(offset, bytes);
+      await split(state.limits.maxTransfer, offset, bytes, (o, n) =>
+        to({ state: src.state, offset: src.offset + (o - offset) }, o, n),
+      );
+      ok = true;
+    } catch (e) {
+      refused = isOffloadRefusal(e);
+      throw e;
+    } finally {
+      await this.#afterWrite(req, offset, bytes, ok, false);
+      if (!refused) this.#account("wr", bytes, t0, ok);
     }
   }
 

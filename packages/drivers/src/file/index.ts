@@ -1,10 +1,12 @@
 /**
  * The `file` protocol driver (QEMU's file-posix for regular files): positional I/O on a file handle,
  * holes punched with `fallocate`, sparse block status from `lseek(SEEK_DATA/SEEK_HOLE)`, truncation with
- * preallocation, and QEMU-compatible OFD image locks driven by the graph's permissions.
+ * preallocation, QEMU-compatible OFD image locks driven by the graph's permissions, and copy offload
+ * between two files with `copy_file_range`.
  *
  * Without the FFI (koffi not loadable) every feature falls back on its own, logged once: block status
- * reports everything as data, discard writes zeroes, zero writes write zero buffers, no image locks.
+ * reports everything as data, discard writes zeroes, zero writes write zero buffers, no image locks, no
+ * copy offload (the copy engine then reads and writes).
  */
 import { constants as fsConstants } from "node:fs";
 import { type FileHandle, open, stat } from "node:fs/promises";
@@ -15,6 +17,8 @@ import {
   BlockDriverBase,
   type BlockDriverInfo,
   type BlockStatusExtent,
+  type CopyRangeDest,
+  type CopyRangeSource,
   type FlushFlags,
   type OpenContext,
   PERM,
@@ -32,10 +36,13 @@ import {
 } from "../registry/options.ts";
 import { ImageLocks } from "./locks.ts";
 import {
+  EBADF,
+  EINTR,
   EINVAL,
   ENOSYS,
   ENXIO,
   EOPNOTSUPP,
+  EXDEV,
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
@@ -47,7 +54,7 @@ import {
 } from "./sys.ts";
 
 export { ImageLockError, LOCK_BASE_PERM, LOCK_BASE_SHARED, lockBytes } from "./locks.ts";
-export type { FileSyscalls } from "./sys.ts";
+export { type FileSyscalls, loadSyscalls } from "./sys.ts";
 
 /** QEMU's `PreallocMode`. */
 export type PreallocMode = "off" | "metadata" | "falloc" | "full";
@@ -169,6 +176,7 @@ export class FileState extends BlockDriverBase {
   #canPunch = true;
   #canZeroRange = true;
   #canSeek = true;
+  #canCopyRange = true;
 
   /** @internal Use {@link fileDriver}.open. */
   constructor(init: {
@@ -351,6 +359,67 @@ export class FileState extends BlockDriverBase {
       this.#size = end;
     }
     if (flags.fua === true) await this._flush({ toDisk: true });
+  }
+
+  // ---- copy offload -------------------------------------------------------------------------------------
+
+  /**
+   * Copy offload, source side: the data lies in this file, so the target node stores it (down to its own
+   * `file` state, which copies with `copy_file_range`).
+   */
+  copyRangeFrom(offset: number, bytes: number, dst: CopyRangeDest): Promise<void> {
+    return this.request(() =>
+      dst.node.copyRangeTo(
+        { state: this, offset },
+        dst.offset,
+        bytes,
+        dst.via === undefined ? {} : { via: dst.via },
+      ),
+    );
+  }
+
+  /**
+   * Copy offload, target side: `copy_file_range` from a `file` source into this file (short copies are
+   * looped over; where the source file ends, the rest of the range reads as zeroes and is written so).
+   * @throws {BlkError} ENOTSUP `Copy offloading is not supported: …` when the source is no file, or the
+   *   kernel or the file systems cannot copy between the two files (EXDEV, EOPNOTSUPP, ENOSYS, EINVAL)
+   */
+  copyRangeTo(src: CopyRangeSource, offset: number, bytes: number): Promise<void> {
+    return this.request(async () => {
+      this.#checkWritable();
+      const from = src.state;
+      const sys = this.#sys;
+      if (!(from instanceof FileState) || sys?.copyFileRange === undefined || !this.#canCopyRange) {
+        throw new BlkError("ENOTSUP", "Copy offloading is not supported", { offset });
+      }
+      let done = 0;
+      while (done < bytes) {
+        const r = await sys.copyFileRange(
+          from.fd,
+          src.offset + done,
+          this.#fh.fd,
+          offset + done,
+          bytes - done,
+        );
+        if (r > 0) {
+          done += r;
+          if (offset + done > this.#size) this.#size = offset + done;
+          continue;
+        }
+        if (r === 0) {
+          // End of the source file: the rest reads as zeroes (the node length is rounded up to 512).
+          await this._writeZeroes(offset + done, bytes - done, {});
+          return;
+        }
+        if (r === -EINTR) continue;
+        if (r === -EXDEV || r === -EOPNOTSUPP || r === -ENOSYS || r === -EINVAL || r === -EBADF) {
+          if (r === -ENOSYS) this.#canCopyRange = false;
+          // Whatever was copied is rewritten by the caller's read and write.
+          throw new BlkError("ENOTSUP", `Copy offloading is not supported: errno ${-r}`, { offset });
+        }
+        throw errnoError(r, "Copy offloading", offset + done);
+      }
+    });
   }
 
   protected override async _discard(offset: number, bytes: number): Promise<void> {
@@ -620,6 +689,20 @@ export const fileSchema: { parse(value: unknown): FileOptions } = {
 /** The `file` protocol driver. */
 export const fileDriver: BlockDriver<FileOptions> & { create(options: FileCreateOptions): Promise<void> } =
   makeFileDriver();
+
+/**
+ * A buffer of `bytes` bytes whose first byte sits on an `alignment` boundary in memory (default 4096: a
+ * page). The kernel copies page-aligned buffers to and from the page cache markedly faster than the
+ * 16-byte-aligned memory a plain `new Uint8Array` gets, so bulk copies (the copy engine's chunk buffers)
+ * should use these. Without the FFI, a plain buffer.
+ */
+export function alignedBuffer(bytes: number, alignment = 4096): Uint8Array {
+  const sys = loadSyscalls();
+  if (sys?.addressOf === undefined || alignment <= 1) return new Uint8Array(bytes);
+  const raw = new Uint8Array(bytes + alignment);
+  const skip = (alignment - (sys.addressOf(raw) % alignment)) % alignment;
+  return raw.subarray(skip, skip + bytes);
+}
 
 /** The size of a file in bytes (a convenience for tools). */
 export async function fileSize(path: string): Promise<number> {

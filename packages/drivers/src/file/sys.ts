@@ -1,8 +1,8 @@
 /**
- * The three Linux system calls the file driver needs and Node does not offer, through the `koffi` FFI:
- * `lseek(SEEK_DATA/SEEK_HOLE)` (sparse maps), `fallocate` (punch holes, zero ranges) and
- * `fcntl(F_OFD_GETLK/F_OFD_SETLK)` (QEMU-compatible image locks). Constants from Linux's uapi headers
- * (`<linux/fs.h>`, `<linux/falloc.h>`, `<asm-generic/fcntl.h>`).
+ * The Linux system calls the file driver needs and Node does not offer, through the `koffi` FFI:
+ * `lseek(SEEK_DATA/SEEK_HOLE)` (sparse maps), `fallocate` (punch holes, zero ranges),
+ * `fcntl(F_OFD_GETLK/F_OFD_SETLK)` (QEMU-compatible image locks) and `copy_file_range` (copy offload).
+ * Constants from Linux's uapi headers (`<linux/fs.h>`, `<linux/falloc.h>`, `<asm-generic/fcntl.h>`).
  */
 import { createRequire } from "node:module";
 
@@ -28,6 +28,8 @@ export const EINTR = 4;
 export const EAGAIN = 11;
 export const EACCES = 13;
 export const EINVAL = 22;
+export const EXDEV = 18;
+export const EBADF = 9;
 export const ENOSPC = 28;
 export const ENOSYS = 38;
 export const EOPNOTSUPP = 95;
@@ -38,6 +40,14 @@ export interface FileSyscalls {
   lseek(fd: number, offset: number, whence: number): number;
   /** `fallocate(fd, mode, offset, len)` off the event loop: 0 or `-errno`. */
   fallocate(fd: number, mode: number, offset: number, len: number): Promise<number>;
+  /**
+   * `copy_file_range(fdIn, &offIn, fdOut, &offOut, len, 0)` off the event loop: bytes copied (0 at the end
+   * of the input file; may be short), or `-errno` (`-EXDEV`, `-EOPNOTSUPP`, `-ENOSYS`, `-EINVAL` when the
+   * kernel or file systems cannot copy between these files). Optional: absent, copy offload is off.
+   */
+  copyFileRange?(fdIn: number, offIn: number, fdOut: number, offOut: number, len: number): Promise<number>;
+  /** The memory address of a buffer's first byte (to align I/O buffers). Optional. */
+  addressOf?(buf: Uint8Array): number;
   /** `fcntl(fd, F_OFD_SETLK, {type, SEEK_SET, start, len})`: 0 or `-errno`. */
   ofdSetLock(fd: number, type: number, start: number, len: number): number;
   /**
@@ -58,6 +68,30 @@ interface Flock {
 type Fn = ((...args: unknown[]) => unknown) & {
   async: (...args: unknown[]) => void;
 };
+
+/**
+ * `copy_file_range` on the thread pool. The offsets are passed by value (the kernel's copies, not the
+ * file positions, move), and errno of a failed call on a worker thread is not visible here: the failed
+ * call is repeated synchronously to learn why (the copy is idempotent: it writes the same bytes again).
+ */
+function copyRangeCall(
+  fn: Fn,
+  errno: () => number,
+): (fdIn: number, offIn: number, fdOut: number, offOut: number, len: number) => Promise<number> {
+  return (fdIn, offIn, fdOut, offOut, len) =>
+    new Promise((resolve) => {
+      fn.async(fdIn, [offIn], fdOut, [offOut], len, 0, (err: unknown, r: unknown) => {
+        const n = Number(r);
+        if ((err === null || err === undefined) && n >= 0) return resolve(n);
+        for (;;) {
+          const again = Number(fn(fdIn, [offIn], fdOut, [offOut], len, 0));
+          if (again >= 0) return resolve(again);
+          const e = errno();
+          if (e !== EINTR) return resolve(-e);
+        }
+      });
+    });
+}
 
 let cached: FileSyscalls | null | undefined;
 let loadError: unknown;
@@ -80,6 +114,15 @@ export function loadSyscalls(): FileSyscalls | null {
     const libc = koffi.load("libc.so.6");
     const lseek = libc.func("int64_t lseek(int fd, int64_t off, int whence)") as Fn;
     const fallocate = libc.func("int fallocate(int fd, int mode, int64_t off, int64_t len)") as Fn;
+    // glibc ≥ 2.27 has the wrapper; an older one leaves copy offload off.
+    let copyFileRange: Fn | undefined;
+    try {
+      copyFileRange = libc.func(
+        "int64_t copy_file_range(int fd_in, _Inout_ int64_t *off_in, int fd_out, _Inout_ int64_t *off_out, size_t len, unsigned int flags)",
+      ) as Fn;
+    } catch {
+      copyFileRange = undefined;
+    }
     // Anonymous struct type: a named one could clash if a second copy of this module loads.
     const flock = koffi.struct({
       l_type: "short",
@@ -121,6 +164,8 @@ export function loadSyscalls(): FileSyscalls | null {
           });
         });
       },
+      ...(copyFileRange === undefined ? {} : { copyFileRange: copyRangeCall(copyFileRange, errno) }),
+      addressOf: (buf) => Number(koffi.address(buf)),
       ofdSetLock(fd, type, start, len) {
         const r = lock(fd, F_OFD_SETLK, type, start, len);
         return typeof r === "number" ? r : 0;
