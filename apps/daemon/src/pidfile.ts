@@ -3,8 +3,8 @@
  * whole for as long as the daemon runs — so a second daemon given the same file fails with `Cannot lock
  * pid file` and leaves it alone —, checked to still be the file at that path, truncated and written with
  * the pid and a newline; on exit it is removed by its resolved path. The lock is an open-file-description
- * lock through the `koffi` FFI (Node has no file locks), which conflicts with QEMU's `F_SETLK` lock; when
- * koffi cannot load, the file is written unlocked and a warning logged.
+ * lock through the file driver's FFI bindings (Node has no file locks), which conflicts with QEMU's
+ * `F_SETLK` lock; when they cannot load, the file is written unlocked and a warning logged.
  */
 import {
   closeSync,
@@ -17,9 +17,9 @@ import {
   unlinkSync,
   writeSync,
 } from "node:fs";
-import { createRequire } from "node:module";
 import { constants as osConstants } from "node:os";
 import { type BlkErrorCode, ERRNO, strerror } from "@blk/core";
+import { loadSyscalls } from "@blk/drivers/file";
 
 /** glibc's texts for the errno values a pid file can meet that `@blk/core` does not list. */
 const MORE_STRERROR: Readonly<Record<string, string>> = {
@@ -56,63 +56,17 @@ export class PidFileError extends Error {
 
 type WriteLock = (fd: number) => number;
 
-/** The part of koffi's API used here (blkd does not depend on koffi's types). */
-interface Koffi {
-  load(path: string): { func(name: string, result: string, params: unknown[]): unknown };
-  struct(members: Record<string, string>): unknown;
-  pointer(type: unknown): unknown;
-  inout(type: unknown): unknown;
-  errno(): number;
-}
-
 let cachedLock: WriteLock | null | undefined;
 
 /**
- * `fcntl(fd, F_OFD_SETLK, {F_WRLCK, SEEK_SET, 0, 0})` → 0 or `-errno`; `null` without koffi. koffi is a
- * dependency of `@blk/drivers` (its file driver), resolved from there unless blkd's own scope has it.
+ * `fcntl(fd, F_OFD_SETLK, {F_WRLCK, SEEK_SET, 0, 0})` → 0 or `-errno`, through the file driver's FFI
+ * bindings; `null` where they cannot load (not Linux, no koffi).
  */
 function loadWriteLock(): WriteLock | null {
   if (cachedLock !== undefined) return cachedLock;
-  cachedLock = null;
-  if (process.platform !== "linux") return cachedLock;
-  const here = createRequire(import.meta.url);
-  const bases = [import.meta.url];
-  try {
-    bases.push(here.resolve("@blk/drivers/package.json"));
-  } catch {
-    // no @blk/drivers next to blkd
-  }
-  for (const base of bases) {
-    let koffi: Koffi;
-    try {
-      koffi = createRequire(base)("koffi") as Koffi;
-    } catch {
-      continue;
-    }
-    const F_OFD_SETLK = 37;
-    const F_WRLCK = 1;
-    const EINTR = 4;
-    const libc = koffi.load("libc.so.6");
-    const flock = koffi.struct({
-      l_type: "short",
-      l_whence: "short",
-      l_start: "int64_t",
-      l_len: "int64_t",
-      l_pid: "int",
-    });
-    const fcntl = libc.func("fcntl", "int", ["int", "int", koffi.inout(koffi.pointer(flock))]) as (
-      ...args: unknown[]
-    ) => number;
-    cachedLock = (fd) => {
-      for (;;) {
-        const lk = { l_type: F_WRLCK, l_whence: 0, l_start: 0, l_len: 0, l_pid: 0 };
-        if (fcntl(fd, F_OFD_SETLK, lk) === 0) return 0;
-        const e = koffi.errno();
-        if (e !== EINTR) return -e;
-      }
-    };
-    return cachedLock;
-  }
+  const sys = loadSyscalls();
+  const F_WRLCK = 1;
+  cachedLock = sys === null ? null : (fd) => sys.ofdSetLock(fd, F_WRLCK, 0, 0);
   return cachedLock;
 }
 
