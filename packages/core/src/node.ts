@@ -923,10 +923,16 @@ export class BlockNode {
     await this.drained(async () => {
       const old = this.#options;
       const next = Object.freeze(resolveNodeOptions({ ...old, ...changes }));
+      // As QEMU's reopen: a driver going read-only finishes its writes (flush, metadata, persistent
+      // bitmaps, dirty bit) while it still holds write permission on its children, and only then are the
+      // permissions dropped; going read-write, the permissions come first.
+      const toReadOnly = next.readOnly && !old.readOnly;
+      if (toReadOnly) await this.state.reopen?.({ readOnly: true });
       this.#options = next;
       try {
         this.graph.refreshPerms([this]);
-        if (next.readOnly !== old.readOnly) await this.state.reopen?.({ readOnly: next.readOnly });
+        if (next.readOnly !== old.readOnly && !toReadOnly)
+          await this.state.reopen?.({ readOnly: next.readOnly });
       } catch (e) {
         this.#options = old;
         try {
@@ -934,6 +940,7 @@ export class BlockNode {
         } catch {
           // The old permissions held before; restoring them cannot conflict.
         }
+        if (toReadOnly) await this.state.reopen?.({ readOnly: false }).catch(() => {});
         throw e;
       }
     });

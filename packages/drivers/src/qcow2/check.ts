@@ -1,8 +1,11 @@
 /**
- * `qemu-img check` for qcow2 without repair (qcow2.md §15): count every reference to every host cluster
- * (header, active and snapshot L1/L2 tables and their data, snapshot table, reftable, refblocks, bitmap
+ * `qemu-img check` for qcow2 (qcow2.md §15): count every reference to every host cluster (header, active
+ * and snapshot L1/L2 tables and their data, snapshot table, reftable, refblocks, bitmap
  * directory/tables/data), compare with the on-disk refcounts (leaks vs corruptions), check the COPIED
- * flags of the active tables, and report the image end offset and allocation statistics.
+ * flags of the active tables, and report the image end offset and allocation statistics. With a
+ * {@link CheckFixer} it also repairs as `qemu-img check -r leaks|all` does (QEMU `qcow2_check_refcounts`):
+ * refcounts set to the references found (leaks with `leaks`, too-low refcounts with `all`), the whole
+ * refcount structure rebuilt (`all`) when a referenced cluster has refcount 0, and COPIED flags fixed.
  */
 import { BlkError } from "@blk/core";
 import type { Qcow2Bitmap, Qcow2Header, Qcow2Snapshot, ReadAt } from "./format.ts";
@@ -29,8 +32,116 @@ const WORK_BUDGET = 1 << 28;
 const MAX_SPARSE = 1 << 20;
 const TWO32 = 2 ** 32;
 
-/** Computes the check report (no repair). */
-export async function runCheck(input: CheckInput): Promise<Qcow2CheckResult> {
+/** What a repairing check asks of the open image (every change written and flushed). */
+export interface CheckFixer {
+  /** `leaks`: decrement refcounts above the references; `all`: also raise too-low ones and rebuild. */
+  mode: "leaks" | "all";
+  /** Sets the refcount of cluster `k` (currently `from`, non-zero) to `to`. */
+  setRefcount(k: number, from: number, to: number): Promise<void>;
+  /**
+   * Writes a new refcount structure holding `refs(k)` for clusters `0..clusters-1` (plus its own
+   * clusters) and switches the header to it.
+   */
+  rebuild(refs: (k: number) => number, clusters: number): Promise<void>;
+  /** Rewrites active L1 entry `i` as `hi:lo` (COPIED flag changed). */
+  setL1Entry(i: number, hi: number, lo: number): Promise<void>;
+  /** Rewrites entry `j` of the L2 table at `l2Offset` as `hi:lo` (COPIED flag changed). */
+  setL2Entry(l2Offset: number, j: number, hi: number, lo: number): Promise<void>;
+  /** The inputs as they are now (after a rebuild: the new reftable, file length). */
+  reload(): CheckInput;
+}
+
+/** A repairing check that had to stop; `messages` are the lines printed before (QEMU prints them). */
+export class CheckFailedError extends BlkError {
+  readonly messages: readonly string[];
+  constructor(messages: readonly string[]) {
+    super("EIO", "Input/output error");
+    this.messages = messages;
+  }
+}
+
+/** Computes the check report; with `fixer`, repairs as `qemu-img check -r` does. */
+export async function runCheck(first: CheckInput, fixer?: CheckFixer): Promise<Qcow2CheckResult> {
+  const messages: string[] = [];
+  const res = { corruptions: 0, leaks: 0, checkErrors: 0, corruptionsFixed: 0, leaksFixed: 0 };
+  let w = await calculate(first, messages, res);
+  let input = first;
+  const cmp = await compare(w, messages, res, undefined);
+  if (fixer !== undefined) {
+    if (cmp.rebuild && fixer.mode === "all") {
+      const old = { corruptions: res.corruptions, leaks: res.leaks };
+      messages.push("Rebuilding refcount structure");
+      await fixer.rebuild(w.getRef, w.tableSize);
+      res.corruptions = 0;
+      res.leaks = 0;
+      input = fixer.reload();
+      w = await calculate(input, messages, res);
+      // The old structures are leaked now: freed here, and only what cannot be freed counts.
+      const saved = { ...res };
+      res.leaks = 0;
+      res.corruptions = 0;
+      await compare(w, messages, res, fixer, "leaks");
+      const fresh = res.leaks;
+      Object.assign(res, saved);
+      if (res.corruptions < old.corruptions) res.corruptionsFixed += old.corruptions - res.corruptions;
+      if (res.leaks < old.leaks) res.leaksFixed += old.leaks - res.leaks;
+      res.leaks += fresh;
+    } else if (cmp.rebuild) {
+      messages.push("ERROR need to rebuild refcount structures");
+      throw new CheckFailedError(messages);
+    } else if (res.leaks > 0 || res.corruptions > 0) {
+      res.leaks = cmp.before.leaks;
+      res.corruptions = cmp.before.corruptions;
+      res.checkErrors = cmp.before.checkErrors;
+      await compare(w, messages, res, fixer);
+    }
+  }
+  const repairCopied =
+    fixer !== undefined &&
+    (fixer.mode === "all" || (res.checkErrors === 0 && res.corruptions === 0 && res.leaks === 0));
+  await checkCopied(w, input, messages, res, repairCopied ? fixer : undefined);
+  return {
+    corruptions: res.corruptions,
+    leaks: res.leaks,
+    checkErrors: res.checkErrors,
+    ...(fixer === undefined ? {} : { corruptionsFixed: res.corruptionsFixed, leaksFixed: res.leaksFixed }),
+    imageEndOffset: (cmp.highest + 1) * w.cs,
+    totalClusters: Math.ceil(input.header.size / w.cs),
+    allocatedClusters: w.allocated,
+    fragmentedClusters: w.fragmented,
+    compressedClusters: w.compressed,
+    messages,
+  };
+}
+
+interface Counters {
+  corruptions: number;
+  leaks: number;
+  checkErrors: number;
+}
+
+/** The computed references of one walk, and how to read on-disk refcounts. */
+interface Walk {
+  cs: number;
+  fileClusters: number;
+  tableSize: number;
+  sparse: Map<number, number>;
+  getRef(k: number): number;
+  /** On-disk refcount (undefined: the refcount block cannot be read). */
+  refcountOf(k: number): Promise<number | undefined>;
+  /** Drops cached refcount blocks (after a repair changed them). */
+  forget(): void;
+  allocated: number;
+  fragmented: number;
+  compressed: number;
+  entryBytes: number;
+  l2Entries: number;
+  /** A reftable entry is unusable: only a rebuild helps. */
+  rebuild: boolean;
+}
+
+/** Walks every reference (QEMU `calculate_refcounts`); problems go to `messages` and `res`. */
+async function calculate(input: CheckInput, messages: string[], out: Counters): Promise<Walk> {
   const h = input.header;
   const cs = 2 ** h.clusterBits;
   const bits = 2 ** h.refcountOrder;
@@ -39,7 +150,6 @@ export async function runCheck(input: CheckInput): Promise<Qcow2CheckResult> {
   const entryBytes = extL2 ? 16 : 8;
   const l2Entries = cs / entryBytes;
   const csizeShift = 62 - (h.clusterBits - 8);
-  const messages: string[] = [];
   const res = {
     corruptions: 0,
     leaks: 0,
@@ -48,6 +158,7 @@ export async function runCheck(input: CheckInput): Promise<Qcow2CheckResult> {
     fragmented: 0,
     compressed: 0,
   };
+  let rebuild = false;
   const fileClusters = Math.ceil(input.fileLength / cs);
   // Computed references: dense over the file, sparse beyond it (hostile offsets far past the end).
   const dense = new Float64Array(fileClusters);
@@ -267,6 +378,7 @@ export async function runCheck(input: CheckInput): Promise<Qcow2CheckResult> {
     if ((lo & 0x1ff) !== 0) {
       messages.push(`ERROR refcount table entry ${i} has reserved bits set`);
       res.corruptions++;
+      rebuild = true;
       continue;
     }
     const off = hi * TWO32 + lo;
@@ -274,6 +386,7 @@ export async function runCheck(input: CheckInput): Promise<Qcow2CheckResult> {
     if (cluster >= tableSize) {
       res.corruptions++;
       messages.push(`ERROR refcount block ${i} is outside image`);
+      rebuild = true;
       continue;
     }
     if (off !== 0) {
@@ -327,9 +440,43 @@ export async function runCheck(input: CheckInput): Promise<Qcow2CheckResult> {
     }
   };
 
-  // 6. compare
+  out.corruptions += res.corruptions;
+  out.leaks += res.leaks;
+  out.checkErrors += res.checkErrors;
+  return {
+    cs,
+    fileClusters,
+    tableSize,
+    sparse,
+    getRef,
+    refcountOf,
+    forget: () => blockCache.clear(),
+    allocated: res.allocated,
+    fragmented: res.fragmented,
+    compressed: res.compressed,
+    entryBytes,
+    l2Entries,
+    rebuild,
+  };
+}
+
+/**
+ * Compares references with on-disk refcounts (QEMU `compare_refcounts`). With `fixer`, mismatches it may
+ * fix (`mode`: leaks, plus too-low non-zero refcounts with `all`) are repaired and counted as fixed.
+ * A referenced cluster with refcount 0 asks for a rebuild instead.
+ */
+async function compare(
+  w: Walk,
+  messages: string[],
+  res: Counters & { corruptionsFixed?: number; leaksFixed?: number },
+  fixer: CheckFixer | undefined,
+  mode: "leaks" | "all" | undefined = fixer?.mode,
+): Promise<{ rebuild: boolean; highest: number; before: Counters }> {
+  const before = { corruptions: res.corruptions, leaks: res.leaks, checkErrors: res.checkErrors };
+  const { getRef, refcountOf } = w;
+  let rebuild = w.rebuild;
   let highest = -1;
-  const compare = async (k: number): Promise<void> => {
+  const one = async (k: number): Promise<void> => {
     const onDisk = await refcountOf(k);
     if (onDisk === undefined) {
       res.checkErrors++;
@@ -337,20 +484,48 @@ export async function runCheck(input: CheckInput): Promise<Qcow2CheckResult> {
     }
     const computed = getRef(k);
     if (onDisk > 0 || computed > 0) highest = k;
-    if (onDisk !== computed) {
-      if (onDisk < computed) {
-        messages.push(`ERROR cluster ${k} refcount=${onDisk} reference=${computed}`);
-        res.corruptions++;
-      } else {
-        messages.push(`Leaked cluster ${k} refcount=${onDisk} reference=${computed}`);
-        res.leaks++;
-      }
+    if (onDisk === computed) return;
+    let fix: "leaksFixed" | "corruptionsFixed" | undefined;
+    if (onDisk === 0) rebuild = true;
+    else if (onDisk > computed && mode !== undefined) fix = "leaksFixed";
+    else if (onDisk < computed && mode === "all") fix = "corruptionsFixed";
+    const what = fix !== undefined ? "Repairing" : onDisk < computed ? "ERROR" : "Leaked";
+    messages.push(`${what} cluster ${k} refcount=${onDisk} reference=${computed}`);
+    if (fix !== undefined && fixer !== undefined) {
+      await fixer.setRefcount(k, onDisk, computed);
+      res[fix] = (res[fix] ?? 0) + 1;
+      if (computed === 0 && highest === k) highest = -2;
+      return;
     }
+    if (onDisk < computed) res.corruptions++;
+    else res.leaks++;
   };
-  for (let k = 0; k < fileClusters; k++) await compare(k);
-  for (const k of [...sparse.keys()].sort((a, b) => a - b)) await compare(k);
+  for (let k = 0; k < w.fileClusters; k++) {
+    await one(k);
+    if (highest === -2) highest = k - 1;
+  }
+  for (const k of [...w.sparse.keys()].sort((a, b) => a - b)) await one(k);
+  if (fixer !== undefined) w.forget();
+  return { rebuild, highest, before };
+}
 
-  // 7. COPIED flags of the active tables
+/** Checks (and with `fixer`, repairs) the COPIED flags of the active L1 and L2 tables. */
+async function checkCopied(
+  w: Walk,
+  input: CheckInput,
+  messages: string[],
+  res: Counters & { corruptionsFixed: number },
+  fixer: CheckFixer | undefined,
+): Promise<void> {
+  const h = input.header;
+  const { cs, refcountOf, entryBytes, l2Entries } = w;
+  const entry = (v: DataView, at: number): [number, number] => [v.getUint32(at), v.getUint32(at + 4)];
+  const offsetOf = (hi: number, lo: number): number => (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+  const what = fixer !== undefined ? "Repairing" : "ERROR";
+  const found = (): void => {
+    if (fixer !== undefined) res.corruptionsFixed++;
+    else res.corruptions++;
+  };
   const activeInFile = Math.min(h.l1Size, input.l1.byteLength / 8);
   const copiedFindings = new Map<number, number>();
   for (let i = 0; i < activeInFile; i++) {
@@ -360,18 +535,20 @@ export async function runCheck(input: CheckInput): Promise<Qcow2CheckResult> {
     const rc = await refcountOf(Math.floor(l2Offset / cs));
     if (rc === undefined) continue;
     if ((rc === 1) !== ((hi & 0x80000000) !== 0)) {
-      res.corruptions++;
-      messages.push(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${l2Hex(hi, lo)} refcount=${rc}`);
+      found();
+      messages.push(
+        `${what} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${l2Hex(hi, lo)} refcount=${rc}`,
+      );
+      if (fixer !== undefined) await fixer.setL1Entry(i, (hi ^ 0x80000000) >>> 0, lo);
     }
     if (l2Offset >= input.fileLength) continue;
     // The data entries of a table give the same findings each time an L1 entry names it.
     const seen = copiedFindings.get(l2Offset);
     if (seen !== undefined) {
-      res.corruptions += seen;
+      if (fixer === undefined) res.corruptions += seen;
       continue;
     }
     const before = res.corruptions;
-    spend(l2Entries);
     const t = await input.read(l2Offset, cs);
     const v = new DataView(t.buffer, t.byteOffset, t.length);
     for (let j = 0; j < l2Entries; j++) {
@@ -384,24 +561,13 @@ export async function runCheck(input: CheckInput): Promise<Qcow2CheckResult> {
       if (!input.hasDataFile) r = await refcountOf(Math.floor(off / cs));
       if (r === undefined) continue;
       if ((r === 1) !== ((ehi & 0x80000000) !== 0)) {
-        res.corruptions++;
-        messages.push(`ERROR OFLAG_COPIED data cluster: l2_entry=${l2Hex(ehi, elo)} refcount=${r}`);
+        found();
+        messages.push(`${what} OFLAG_COPIED data cluster: l2_entry=${l2Hex(ehi, elo)} refcount=${r}`);
+        if (fixer !== undefined) await fixer.setL2Entry(l2Offset, j, (ehi ^ 0x80000000) >>> 0, elo);
       }
     }
     copiedFindings.set(l2Offset, res.corruptions - before);
   }
-
-  return {
-    corruptions: res.corruptions,
-    leaks: res.leaks,
-    checkErrors: res.checkErrors,
-    imageEndOffset: (highest + 1) * cs,
-    totalClusters: Math.ceil(h.size / cs),
-    allocatedClusters: res.allocated,
-    fragmentedClusters: res.fragmented,
-    compressedClusters: res.compressed,
-    messages,
-  };
 }
 
 function l2Hex(hi: number, lo: number): string {

@@ -35,7 +35,7 @@ const EXT_DATA_FILE = 0x44415441;
 
 /** QEMU's implementation limits (block/qcow2.h). */
 export const MAX_L1_BYTES: number = 32 * 1024 * 1024;
-const MAX_REFTABLE_BYTES: number = 8 * 1024 * 1024;
+export const MAX_REFTABLE_BYTES: number = 8 * 1024 * 1024;
 const MAX_SNAPSHOTS = 65536;
 const MAX_SNAPSHOTS_TABLE_BYTES: number = 64 * 1024 * 1024;
 const MAX_SNAPSHOT_EXTRA_DATA = 1024;
@@ -86,6 +86,82 @@ export function rewriteBackingHeader(
   if (extBytes + name.length > cs) throw new BlkError("ENOSPC", "Not enough space for the backing file name");
   const oldEnd = h.backingFileOffset !== 0 ? h.backingFileOffset + h.backingFileSize : extBytes;
   const out = new Uint8Array(Math.max(extBytes + name.length, oldEnd));
+  let at = 0;
+  for (const b of parts) {
+    out.set(b, at);
+    at += b.length;
+  }
+  out.set(name, at);
+  const dv = new DataView(out.buffer);
+  dv.setBigUint64(8, BigInt(name.length === 0 ? 0 : at));
+  dv.setUint32(16, name.length);
+  return out;
+}
+
+/**
+ * Rewrites the first cluster with header extension `type` replaced by `data` (QEMU rewrites the whole
+ * header; this keeps every other extension's bytes): an existing one is replaced where it is (removed
+ * when `data` is undefined), a new one is placed after the crypto / backing-format / data-file / feature
+ * table extensions, where QEMU writes them. The backing file name follows the extensions. Returns the
+ * bytes to write at offset 0 (at least as long as what they replace), header fields 8-19 updated.
+ * @throws {BlkError} EINVAL malformed extensions; ENOSPC when it all does not fit in cluster 0
+ */
+export function rewriteHeaderExtension(
+  cluster0: Uint8Array,
+  h: Pick<Qcow2Header, "headerLength" | "backingFileOffset" | "backingFileSize">,
+  type: number,
+  data: Uint8Array | undefined,
+): Uint8Array {
+  const cs = cluster0.length;
+  const view = new DataView(cluster0.buffer, cluster0.byteOffset, cluster0.length);
+  const extEnd = h.backingFileOffset !== 0 ? h.backingFileOffset : cs;
+  const encoded = (): Uint8Array => {
+    const d = data ?? new Uint8Array(0);
+    const out = new Uint8Array(8 + Math.ceil(d.length / 8) * 8);
+    const dv = new DataView(out.buffer);
+    dv.setUint32(0, type);
+    dv.setUint32(4, d.length);
+    out.set(d, 8);
+    return out;
+  };
+  const before = new Set([EXT_CRYPTO, EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATURE_TABLE]);
+  const parts: Uint8Array[] = [cluster0.slice(0, h.headerLength)];
+  let placed = false;
+  for (let off = h.headerLength; off + 8 <= extEnd; ) {
+    const t = view.getUint32(off);
+    const len = view.getUint32(off + 4);
+    if (t === EXT_END) break;
+    const total = 8 + Math.ceil(len / 8) * 8;
+    if (off + total > extEnd) throw einval("Header extension too large");
+    if (t === type) {
+      if (data !== undefined && !placed) parts.push(encoded());
+      placed = true;
+    } else {
+      if (!placed && data !== undefined && !before.has(t)) {
+        parts.push(encoded());
+        placed = true;
+      }
+      parts.push(cluster0.slice(off, off + total));
+    }
+    off += total;
+  }
+  if (!placed && data !== undefined) parts.push(encoded());
+  parts.push(new Uint8Array(8));
+  const name =
+    h.backingFileOffset !== 0
+      ? cluster0.slice(h.backingFileOffset, h.backingFileOffset + h.backingFileSize)
+      : new Uint8Array(0);
+  const extBytes = parts.reduce((n, b) => n + b.length, 0);
+  if (extBytes + name.length > cs) throw new BlkError("ENOSPC", "Not enough space for the header extensions");
+  const oldEnd = h.backingFileOffset !== 0 ? h.backingFileOffset + h.backingFileSize : h.headerLength;
+  // The old extensions' end (their end marker included), so that no stale extension bytes survive.
+  let oldExtEnd = h.headerLength;
+  while (oldExtEnd + 8 <= extEnd) {
+    const t = view.getUint32(oldExtEnd);
+    oldExtEnd += 8 + Math.ceil(view.getUint32(oldExtEnd + 4) / 8) * 8;
+    if (t === EXT_END) break;
+  }
+  const out = new Uint8Array(Math.max(extBytes + name.length, oldEnd, Math.min(oldExtEnd, cs)));
   let at = 0;
   for (const b of parts) {
     out.set(b, at);

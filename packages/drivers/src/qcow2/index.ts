@@ -6,7 +6,7 @@
  * crash-safe ordering (allocating writes, zero clusters, discard, lazy refcounts, copy on write of
  * clusters shared with internal snapshots, compressed writes for `convert -c`) and creates, applies and
  * deletes internal snapshots (`Qcow2State.createSnapshot` / `applySnapshot` / `deleteSnapshot`); images
- * with extended L2 entries, an external data file or bitmaps stay read-only (ENOTSUP on write).
+ * with extended L2 entries or an external data file stay read-only (ENOTSUP on write).
  *
  * Children: `file` (required) holds the image; `backing` (optional) is the backing node — the driver
  * does not open it itself, because the graph attaches children before `open`. {@link openQcow2} opens a
@@ -49,6 +49,7 @@ import {
 } from "./format.ts";
 import { Qcow2State } from "./state.ts";
 
+export { CheckFailedError } from "./check.ts";
 export { inflateCluster, zstdCluster } from "./compress.ts";
 export { type CreateQcow2Options, createQcow2, type Qcow2CreateQapi, qcow2CreateOptions } from "./create.ts";
 export {
@@ -77,6 +78,11 @@ export interface Qcow2Options {
    * the current state.
    */
   "x-blk-snapshot"?: string;
+  /**
+   * blk extension, QEMU's `BDRV_O_CHECK` (what `qemu-img check -r` opens with): a read-write open accepts an
+   * image with the corrupt bit set and leaves a dirty image unrepaired, for the check to repair.
+   */
+  "x-blk-check"?: boolean;
 }
 
 /** Default L2 cache budget per image (QEMU's DEFAULT_L2_CACHE_MAX_SIZE). */
@@ -106,7 +112,18 @@ export const qcow2Schema: { parse(value: unknown): Qcow2Options } = {
     if (o.backing === null) out.backing = null;
     const snap = expectString(o, "x-blk-snapshot", false);
     if (snap !== undefined) out["x-blk-snapshot"] = snap;
-    rejectUnexpected(o, ["l2-cache-size", "cache-size", "backing", "x-blk-snapshot", ...IGNORED_OPTIONS]);
+    if (o["x-blk-check"] === true) out["x-blk-check"] = true;
+    else if (o["x-blk-check"] !== undefined && o["x-blk-check"] !== false) {
+      throw new BlkError("EINVAL", "Parameter 'x-blk-check' expects 'on' or 'off'");
+    }
+    rejectUnexpected(o, [
+      "l2-cache-size",
+      "cache-size",
+      "backing",
+      "x-blk-snapshot",
+      "x-blk-check",
+      ...IGNORED_OPTIONS,
+    ]);
     return out;
   },
 };
@@ -177,15 +194,9 @@ export const qcow2Driver: BlockDriver<Qcow2Options> & {
     const file = ctx.children.get("file");
     if (file === undefined) throw new BlkError("EINVAL", 'A block device must be specified for "file"');
     const h = await readQcow2Header(file);
-    if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0 && !ctx.readOnly) {
+    const forCheck = options["x-blk-check"] === true;
+    if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0 && !ctx.readOnly && !forCheck) {
       throw new BlkError("EACCES", "qcow2: Image is corrupt; cannot be opened read/write");
-    }
-    if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0 && !ctx.readOnly) {
-      // QEMU repairs a dirty image on a read-write open; blk has no repair yet.
-      throw new BlkError(
-        "ENOTSUP",
-        "qcow2: the image was not closed cleanly (dirty bit set) and blk cannot repair it yet; run 'qemu-img check -r all' first",
-      );
     }
     const cs = 2 ** h.clusterBits;
     const l1 = await readEdge(file, h.l1TableOffset, h.l1Size * 8);
@@ -222,7 +233,7 @@ export const qcow2Driver: BlockDriver<Qcow2Options> & {
       view = { snapshot: sn, l1: await readEdge(file, sn.l1TableOffset, sn.l1Size * 8) };
     }
     const budget = options["l2-cache-size"] ?? options["cache-size"] ?? DEFAULT_L2_CACHE_MAX;
-    return new Qcow2State({
+    const state = new Qcow2State({
       header: h,
       file,
       backing,
@@ -236,6 +247,10 @@ export const qcow2Driver: BlockDriver<Qcow2Options> & {
       l2CacheEntries: l2CacheEntries(h, budget),
       readOnly: ctx.readOnly,
     });
+    // As QEMU: a dirty image (lazy refcounts, not closed cleanly) opened read-write is repaired first.
+    if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0 && !ctx.readOnly && !forCheck)
+      await state.repairDirty();
+    return state;
   },
 };
 
@@ -283,6 +298,8 @@ export interface OpenQcow2Options {
   maxDepth?: number;
   /** Open the top image read-write (default false); backing files stay read-only. */
   writable?: boolean;
+  /** With `writable`: the user edge also holds `resize` (for `truncate`, as `qemu-img resize`). */
+  resize?: boolean;
   /** The top node's `discard` option (default `ignore`: discard requests do nothing, as in QEMU). */
   discard?: "ignore" | "unmap";
 }
@@ -407,7 +424,9 @@ export async function openQcow2(filename: string, options: OpenQcow2Options = {}
     const node = await openLayer(filename, "qcow2", [], true);
     const root = graph.attach(backendParent(), node, {
       name: "root",
-      perm: writable ? PERM.CONSISTENT_READ | PERM.WRITE : PERM.CONSISTENT_READ,
+      perm:
+        (writable ? PERM.CONSISTENT_READ | PERM.WRITE : PERM.CONSISTENT_READ) |
+        (writable && options.resize === true ? PERM.RESIZE : 0),
       shared: PERM_ALL,
     });
     let closing: Promise<void> | undefined;
