@@ -2,12 +2,17 @@
  * blk-img's entry point: qemu-img's global options, command dispatch, and the top-level handler that
  * turns every failure into `blk-img: <message>` and an exit code (never a stack trace).
  */
+import { amend } from "./commands/amend.ts";
+import { bitmap } from "./commands/bitmap.ts";
 import { check } from "./commands/check.ts";
+import { commit } from "./commands/commit.ts";
 import { compare } from "./commands/compare.ts";
 import { convert } from "./commands/convert.ts";
 import { create } from "./commands/create.ts";
 import { info } from "./commands/info.ts";
 import { map } from "./commands/map.ts";
+import { measure } from "./commands/measure.ts";
+import { rebase } from "./commands/rebase.ts";
 import { resize } from "./commands/resize.ts";
 import { snapshot } from "./commands/snapshot.ts";
 import { type CliIo, type Command, type Context, makeContext, PROG } from "./context.ts";
@@ -18,12 +23,17 @@ export type { CliIo } from "./context.ts";
 
 /** The commands blk-img has, by name. */
 export const COMMANDS: Readonly<Record<string, Command>> = {
+  amend,
+  bitmap,
   check,
+  commit,
   compare,
   convert,
   create,
   info,
   map,
+  measure,
+  rebase,
   resize,
   snapshot,
 };

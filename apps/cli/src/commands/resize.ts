@@ -85,7 +85,8 @@ export async function resize(args: readonly string[], ctx: Context): Promise<num
       throw new CliError("Preallocation can only be used for growing images");
     }
     try {
-      await img.root.truncate(size, prealloc === undefined ? {} : { preallocation: prealloc });
+      const flags = prealloc === undefined ? {} : { preallocation: prealloc };
+      await img.root.truncate(size, flags);
     } catch (e) {
       throw new CliError(messageOf(e));
     }

@@ -317,6 +317,7 @@ export async function openImage(
           ...(options.discard === undefined ? {} : { discard: options.discard }),
           forceShare: options.forceShare ?? false,
           ...(options.locking === undefined ? {} : { locking: options.locking }),
+          ...(options.resize === true ? { resize: true } : {}),
         });
         const chainFile = img.node.children.get("file")?.child;
         return {
