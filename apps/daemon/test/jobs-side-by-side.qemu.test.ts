@@ -211,7 +211,8 @@ describe.skipIf(missing.length > 0)("jobs side by side: mirror", { tags: ["qemu"
         await ctx.waitStatus("m1", "null", mark);
         // The export now writes to the target.
         await nbdWrite(sock, "disk", "write -P 0x7a 0 64k");
-        // (query-block-exports would show the export's node: blkd still names the source there.)
+        // The export now names the target, as in QEMU.
+        await ctx.exec("query-block-exports");
         await unexport(ctx);
         // sync=none: only what is written during the job reaches the target.
         const sock2 = await exportSource(ctx, "tf");

@@ -196,7 +196,8 @@ export function exportCommands(state: DaemonState): CommandDefinition<never, unk
         [...state.exports.values()].map((e) => ({
           id: e.id,
           type: e.type,
-          "node-name": e.nodeName,
+          // The node the export serves now (a completed mirror moves the export's edge to its target).
+          "node-name": e.nbd.edge.child.nodeName,
           "shutting-down": e.shuttingDown,
         })),
     }),
