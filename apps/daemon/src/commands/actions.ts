@@ -16,6 +16,43 @@ export interface PreparedAction {
   clean?(): void | Promise<void>;
 }
 
+/** What {@link jobAction} needs of a created job. */
+interface PausableJob {
+  holdPause(): void;
+  releasePause(): void;
+  start(): void;
+  cancel(options: { force: boolean }): void;
+  readonly outcome: Promise<unknown>;
+}
+
+/**
+ * The action of a job created by `prepare`: held paused until the transaction commits, which starts it;
+ * an abort cancels it, waits for it to end, then runs `afterAbort` (e.g. dropping a target it created).
+ */
+export function jobAction(job: PausableJob, afterAbort?: () => Promise<void>): PreparedAction {
+  job.holdPause();
+  let released = false;
+  const release = (): void => {
+    if (released) return;
+    released = true;
+    try {
+      job.releasePause();
+    } catch {
+      // the job is gone
+    }
+  };
+  return {
+    commit: () => job.start(),
+    abort: async () => {
+      release();
+      job.cancel({ force: true });
+      await job.outcome;
+      await afterAbort?.();
+    },
+    clean: release,
+  };
+}
+
 /** Runs one action outside a transaction: prepare, then commit (or abort on a prepare failure) and clean. */
 export async function runAction(prepare: () => Promise<PreparedAction>): Promise<void> {
   const action = await prepare();

@@ -16,6 +16,7 @@ import {
   CopyMode,
   checkBackupNodes,
   checkRoot,
+  given,
   lookupDevice,
   OnError,
   SyncMode,
@@ -104,11 +105,6 @@ const BlockStream = q.object(
   },
   { name: "block-stream-arg" },
 );
-
-/** Drops members the client did not send, so the job drivers apply QEMU's defaults themselves. */
-function given<T extends object>(args: T): T {
-  return Object.fromEntries(Object.entries(args).filter(([, v]) => v !== undefined)) as T;
-}
 
 /** `blockdev-mirror`, `blockdev-backup`, `block-commit`, `block-stream`, `drive-mirror`, `drive-backup`. */
 export function blockJobCommands(state: DaemonState): CommandDefinition<never, unknown>[] {

@@ -29,7 +29,7 @@ import { type BackupJob, createBackupJob, type JobEvent, type JobTxn, mirror } f
 import { type CommandDefinition, defineCommand, q } from "@blk/qmp";
 import type { DaemonState } from "../context.ts";
 import { asQmpError, generic, qmpErrors } from "../errors.ts";
-import { nodeFileName, type PreparedAction, runAction } from "./actions.ts";
+import { jobAction, nodeFileName, type PreparedAction, runAction } from "./actions.ts";
 import {
   BackupPerf,
   BitmapMode,
@@ -472,27 +472,7 @@ export async function prepareDriveBackup(
     throw asQmpError(e);
   }
   whenConcluded(state, job.id ?? "", job.outcome, () => void releaseTarget(state, target));
-  job.holdPause();
-  let released = false;
-  const release = (): void => {
-    if (released) return;
-    released = true;
-    try {
-      job.releasePause();
-    } catch {
-      // the job is gone
-    }
-  };
-  return {
-    commit: () => job.start(),
-    abort: async () => {
-      release();
-      job.cancel({ force: true });
-      await job.outcome;
-      await releaseTarget(state, target);
-    },
-    clean: release,
-  };
+  return jobAction(job, () => releaseTarget(state, target));
 }
 
 /** `drive-mirror` and `drive-backup`. */

@@ -64,3 +64,8 @@ export function checkBackupNodes(
   checkNotBusy(source);
   checkNotBusy(target);
 }
+
+/** Drops members the client did not send, so the job drivers apply QEMU's defaults themselves. */
+export function given<T extends object>(args: T): T {
+  return Object.fromEntries(Object.entries(args).filter(([, v]) => v !== undefined)) as T;
+}

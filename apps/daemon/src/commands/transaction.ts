@@ -22,10 +22,10 @@ import {
 } from "@blk/qmp";
 import type { DaemonState } from "../context.ts";
 import { asQmpError, generic, qmpErrors } from "../errors.ts";
-import type { PreparedAction } from "./actions.ts";
+import { jobAction, type PreparedAction } from "./actions.ts";
 import { BlockdevBackup } from "./block-jobs.ts";
 import { DriveBackup, prepareDriveBackup } from "./drive.ts";
-import { checkBackupNodes } from "./job-args.ts";
+import { checkBackupNodes, given } from "./job-args.ts";
 import { lookupNode } from "./lookup.ts";
 import { BlockdevSnapshot, BlockdevSnapshotSync, prepareSnapshot, prepareSnapshotSync } from "./snapshots.ts";
 
@@ -209,11 +209,6 @@ function prepareBitmapRemove(ctx: Ctx, d: { node: string; name: string }): Prepa
   };
 }
 
-/** Drops members the client did not send, so the job driver applies QEMU's defaults. */
-function given<T extends object>(args: T): T {
-  return Object.fromEntries(Object.entries(args).filter(([, v]) => v !== undefined)) as T;
-}
-
 async function prepareBackup(ctx: Ctx, d: ReturnType<typeof BlockdevBackup.parse>): Promise<PreparedAction> {
   const { state } = ctx;
   checkBackupNodes(state, d);
@@ -224,26 +219,7 @@ async function prepareBackup(ctx: Ctx, d: ReturnType<typeof BlockdevBackup.parse
       ...(ctx.txn === undefined ? {} : { txn: ctx.txn }),
     }),
   );
-  job.holdPause();
-  let released = false;
-  const release = (): void => {
-    if (released) return;
-    released = true;
-    try {
-      job.releasePause();
-    } catch {
-      // the job is gone
-    }
-  };
-  return {
-    commit: () => job.start(),
-    abort: async () => {
-      release();
-      job.cancel({ force: true });
-      await job.outcome;
-    },
-    clean: release,
-  };
+  return jobAction(job);
 }
 
 function qmpErrorsSync<T>(fn: () => T): T {
