@@ -4,13 +4,19 @@
 //
 //   node tooling/bench/nbd-server.mjs            (after `pnpm build`; needs qemu-nbd, nbdkit, nbdcopy)
 //   BLK_BENCH_SIZE_MIB=2048 BLK_BENCH_ROUNDS=5 BLK_BENCH_SECONDS=3 node tooling/bench/nbd-server.mjs
+//   BLK_BENCH_WARMUP=0 node tooling/bench/nbd-server.mjs     (cold servers: no untimed warm-up pass)
 //
 // Measured per server: nbdcopy sequential read (export → null:) and write (file → export) in MiB/s, and
 // 4 KiB random reads and writes at queue depth 1 and 16 in IOPS, issued by one NbdClient (the same client
-// code for every server, so the ratio compares the servers). Not a test: nothing here gates CI.
+// code for every server, so the ratio compares the servers). Each freshly started server first gets one
+// untimed pass of every workload (random ones for at most a second), the same for every server: a
+// daemon serves for hours, and without it blkd's figures measure V8 compiling the request path (a
+// 512 MiB nbdcopy is only ~2000 requests). The server's CPU time (user + system, from /proc) per
+// workload is reported next to the rates, as CPU time per MiB or per 1000 requests: on a busy machine
+// it is steadier than the rates. Not a test: nothing here gates CI.
 import { spawn, spawnSync } from "node:child_process";
 import { randomFillSync } from "node:crypto";
-import { closeSync, existsSync, mkdtempSync, openSync, rmSync, writeSync } from "node:fs";
+import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -21,6 +27,7 @@ const MiB = 1024 * 1024;
 const sizeMiB = Number(process.env.BLK_BENCH_SIZE_MIB ?? 512);
 const rounds = Number(process.env.BLK_BENCH_ROUNDS ?? 3);
 const seconds = Number(process.env.BLK_BENCH_SECONDS ?? 2);
+const warmup = process.env.BLK_BENCH_WARMUP !== "0";
 const size = sizeMiB * MiB;
 
 for (const p of ["qemu-nbd", "nbdcopy", "nbdkit"]) {
@@ -87,6 +94,7 @@ async function start(name) {
   return {
     uri: `nbd+unix:///disk?socket=${sock}`,
     sock,
+    pid: child.pid,
     stop: async () => {
       child.kill("SIGTERM");
       await new Promise((r) => child.once("close", r));
@@ -102,7 +110,13 @@ function timed(cmd, args) {
   return (performance.now() - t) / 1000;
 }
 
-async function randomIops(sock, depth, write) {
+/** CPU time (user + system) the process has used so far, in milliseconds (Linux /proc). */
+function cpuMs(pid) {
+  const f = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ");
+  return ((Number(f[11]) + Number(f[12])) * 1000) / 100; // clock ticks: USER_HZ is 100 on Linux
+}
+
+async function randomIops(sock, depth, write, duration = seconds) {
   const client = await NbdClient.connect({
     server: { type: "unix", path: sock },
     export: "disk",
@@ -111,7 +125,7 @@ async function randomIops(sock, depth, write) {
   const blocks = size / 4096;
   const buf = randomFillSync(Buffer.alloc(4096));
   let ops = 0;
-  const deadline = performance.now() + seconds * 1000;
+  const deadline = performance.now() + duration * 1000;
   const worker = async () => {
     while (performance.now() < deadline) {
       const off = Math.floor(Math.random() * blocks) * 4096;
@@ -137,6 +151,10 @@ const metrics = [
 const results = Object.fromEntries(
   Object.keys(servers).map((s) => [s, Object.fromEntries(metrics.map((m) => [m, []]))]),
 );
+/** Server CPU time per workload: ms per MiB (sequential) or per 1000 requests (random). */
+const cpu = Object.fromEntries(
+  Object.keys(servers).map((s) => [s, Object.fromEntries(metrics.map((m) => [m, []]))]),
+);
 const names = Object.keys(servers);
 for (let round = 0; round < rounds; round++) {
   const order = round % 2 === 0 ? names : [...names].reverse();
@@ -144,11 +162,28 @@ for (let round = 0; round < rounds; round++) {
     const srv = await start(name);
     try {
       const r = results[name];
-      r["seq read MiB/s"].push(sizeMiB / timed("nbdcopy", [srv.uri, "null:"]));
-      r["seq write MiB/s"].push(sizeMiB / timed("nbdcopy", [source, srv.uri]));
-      r["4k randread qd1"].push(await randomIops(srv.sock, 1, false));
-      r["4k randread qd16"].push(await randomIops(srv.sock, 16, false));
-      r["4k randwrite qd16"].push(await randomIops(srv.sock, 16, true));
+      if (warmup) {
+        timed("nbdcopy", [srv.uri, "null:"]);
+        timed("nbdcopy", [source, srv.uri]);
+        await randomIops(srv.sock, 1, false, Math.min(1, seconds));
+        await randomIops(srv.sock, 16, false, Math.min(1, seconds));
+        await randomIops(srv.sock, 16, true, Math.min(1, seconds));
+      }
+      const measure = async (metric, run, perCpu) => {
+        const c0 = cpuMs(srv.pid);
+        const t0 = performance.now();
+        const rate = await run();
+        const used = cpuMs(srv.pid) - c0;
+        r[metric].push(rate);
+        cpu[name][metric].push(used / (perCpu(rate, (performance.now() - t0) / 1000) || 1));
+      };
+      const perMiB = () => sizeMiB;
+      const perKReq = (iops, secs) => (iops * secs) / 1000;
+      await measure("seq read MiB/s", () => sizeMiB / timed("nbdcopy", [srv.uri, "null:"]), perMiB);
+      await measure("seq write MiB/s", () => sizeMiB / timed("nbdcopy", [source, srv.uri]), perMiB);
+      await measure("4k randread qd1", () => randomIops(srv.sock, 1, false), perKReq);
+      await measure("4k randread qd16", () => randomIops(srv.sock, 16, false), perKReq);
+      await measure("4k randwrite qd16", () => randomIops(srv.sock, 16, true), perKReq);
     } finally {
       await srv.stop();
     }
@@ -157,7 +192,10 @@ for (let round = 0; round < rounds; round++) {
 }
 
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
-console.log(`NBD server benchmark: ${sizeMiB} MiB dense raw file, ${rounds} alternating rounds, medians`);
+console.log(
+  `NBD server benchmark: ${sizeMiB} MiB dense raw file, ${rounds} alternating rounds, medians` +
+    (warmup ? ", after an untimed warm-up pass per server" : ", cold servers"),
+);
 console.log(
   [
     "metric".padEnd(20),
@@ -176,4 +214,8 @@ for (const m of metrics) {
       `${(med.blkd / med.nbdkit).toFixed(2)}x`.padStart(13),
     ].join(""),
   );
+}
+console.log("server CPU time (user + system): ms per MiB (sequential), per 1000 requests (random)");
+for (const m of metrics) {
+  console.log([m.padEnd(20), ...names.map((n) => median(cpu[n][m]).toFixed(2).padStart(12))].join(""));
 }

@@ -8,7 +8,7 @@
  * reports everything as data, discard writes zeroes, zero writes write zero buffers, no image locks, no
  * copy offload (the copy engine then reads and writes).
  */
-import { constants as fsConstants } from "node:fs";
+import { constants as fsConstants, read as fsRead, write as fsWrite } from "node:fs";
 import { type FileHandle, open, stat } from "node:fs/promises";
 import {
   BlkError,
@@ -264,7 +264,7 @@ export class FileState extends BlockDriverBase {
     while (done < buf.length) {
       let n: number;
       try {
-        ({ bytesRead: n } = await this.#fh.read(buf, done, buf.length - done, offset + done));
+        n = await pread(this.#fh.fd, buf, done, buf.length - done, offset + done);
       } catch (e) {
         throw fsError(e, "Could not read image", offset + done);
       }
@@ -282,8 +282,7 @@ export class FileState extends BlockDriverBase {
     let done = 0;
     while (done < data.length) {
       try {
-        const { bytesWritten } = await this.#fh.write(data, done, data.length - done, offset + done);
-        done += bytesWritten;
+        done += await pwrite(this.#fh.fd, data, done, data.length - done, offset + done);
       } catch (e) {
         throw fsError(e, "Could not write image", offset + done);
       }
@@ -685,6 +684,24 @@ export const fileSchema: { parse(value: unknown): FileOptions } = {
     return out;
   },
 };
+
+/*
+ * Positional read and write on the descriptor with the callback API: FileHandle.read/write cost about
+ * twice the CPU per request (each allocates a promise request object with its own stats array and a
+ * global handle), a third of the event loop's time for 4 KiB reads over NBD (profiled). The handle stays
+ * open while requests run (the node drains before close and reopen).
+ */
+function pread(fd: number, buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fsRead(fd, buf, off, len, pos, (e, n) => (e ? reject(e) : resolve(n)));
+  });
+}
+
+function pwrite(fd: number, buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fsWrite(fd, buf, off, len, pos, (e, n) => (e ? reject(e) : resolve(n)));
+  });
+}
 
 /** The `file` protocol driver. */
 export const fileDriver: BlockDriver<FileOptions> & { create(options: FileCreateOptions): Promise<void> } =

@@ -240,11 +240,16 @@ export function encodeRequest(req: NbdRequestHeader): Uint8Array {
 /** A 16-byte simple reply header; READ data follows it on success (written separately). */
 export function encodeSimpleReply(error: number, cookie: bigint): Uint8Array {
   const b = new Uint8Array(NBD_SIMPLE_REPLY_SIZE);
+  encodeSimpleReplyInto(b, error, cookie);
+  return b;
+}
+
+/** {@link encodeSimpleReply} into the first 16 bytes of `b` (in front of READ data sent in one write). */
+export function encodeSimpleReplyInto(b: Uint8Array, error: number, cookie: bigint): void {
   const dv = view(b);
   dv.setUint32(0, NBD_SIMPLE_REPLY_MAGIC);
   dv.setUint32(4, u32(error, "error"));
   dv.setBigUint64(8, cookie);
-  return b;
 }
 
 function chunkHeader(b: Uint8Array, flags: number, type: number, cookie: bigint, length: number): DataView {
@@ -281,9 +286,20 @@ export function encodeOffsetDataHeader(
   dataLength: number,
 ): Uint8Array {
   const b = new Uint8Array(NBD_CHUNK_HEADER_SIZE + 8);
+  encodeOffsetDataHeaderInto(b, flags, cookie, offset, dataLength);
+  return b;
+}
+
+/** {@link encodeOffsetDataHeader} into the first 28 bytes of `b` (in front of the data, one write). */
+export function encodeOffsetDataHeaderInto(
+  b: Uint8Array,
+  flags: number,
+  cookie: bigint,
+  offset: number,
+  dataLength: number,
+): void {
   const dv = chunkHeader(b, flags, NBD_REPLY_TYPE.OFFSET_DATA, cookie, 8 + dataLength);
   setU64(dv, 20, offset);
-  return b;
 }
 
 /** An `NBD_REPLY_TYPE_OFFSET_HOLE` chunk (32 bytes). */

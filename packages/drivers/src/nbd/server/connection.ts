@@ -9,6 +9,7 @@ import { createServer as createTlsServer, type TLSSocket } from "node:tls";
 import { isBlkError } from "@blk/core";
 import {
   commandName,
+  NBD_CHUNK_HEADER_SIZE,
   NBD_CMD,
   NBD_CMD_FLAG,
   NBD_ERR,
@@ -19,6 +20,7 @@ import {
   NBD_REP,
   NBD_REPLY_FLAG_DONE,
   NBD_REPLY_TYPE,
+  NBD_SIMPLE_REPLY_SIZE,
   optionName,
 } from "../protocol/constants.ts";
 import { decodeInfoRequest, decodeMetaContextRequest, nbdErrno } from "../protocol/decode.ts";
@@ -31,13 +33,14 @@ import {
   encodeInfoBlockSize,
   encodeInfoExport,
   encodeInfoString,
-  encodeOffsetDataHeader,
+  encodeOffsetDataHeaderInto,
   encodeOffsetHole,
   encodeOptionError,
   encodeOptionReply,
   encodeRepMetaContext,
   encodeRepServer,
   encodeSimpleReply,
+  encodeSimpleReplyInto,
 } from "../protocol/encode.ts";
 import { NbdProtocolError } from "../protocol/errors.ts";
 import { type NbdClientMessage, NbdClientStreamParser, type NbdRequest } from "../protocol/parser.ts";
@@ -87,6 +90,8 @@ class RequestError extends Error {
 }
 
 const DF_VALID = NBD_CMD_FLAG.DF;
+/** Bytes of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk in front of its data. */
+const OFFSET_DATA_HEADER_SIZE = NBD_CHUNK_HEADER_SIZE + 8;
 const ZERO_VALID = NBD_CMD_FLAG.NO_HOLE | NBD_CMD_FLAG.FAST_ZERO;
 
 /** A client connection. Created by the server for each accepted socket. */
@@ -567,14 +572,20 @@ export class NbdConnection {
       return;
     }
     this.#inFlight++;
-    this.#execute(req)
-      .catch((e: unknown) => this.#sendError(req, e))
-      .finally(() => {
-        this.#inFlight--;
-        if (this.#inFlight === 0) for (const w of this.#idle.splice(0)) w();
-        if (this.#disconnecting) this.#maybeFinish();
-        else this.#pump();
-      });
+    void this.#serve(req);
+  }
+
+  /** Runs a request and answers it (never rejects), then lets the next ones in. */
+  async #serve(req: NbdRequest): Promise<void> {
+    try {
+      await this.#execute(req);
+    } catch (e) {
+      this.#sendError(req, e);
+    }
+    this.#inFlight--;
+    if (this.#inFlight === 0) for (const w of this.#idle.splice(0)) w();
+    if (this.#disconnecting) this.#maybeFinish();
+    else this.#pump();
   }
 
   #maybeFinish(): void {
@@ -667,6 +678,7 @@ export class NbdConnection {
       case NBD_CMD.TRIM:
         this.#check(req, exp, 0, "trim");
         if (req.length > 0) await edge.discard(req.offset, req.length);
+        exp.forgetData(req.offset, req.length);
         if (fua) await edge.flush();
         this.#ok(req);
         return;
@@ -684,6 +696,7 @@ export class NbdConnection {
             fua,
           });
         }
+        exp.forgetData(req.offset, req.length);
         this.#ok(req);
         return;
       }
@@ -696,42 +709,36 @@ export class NbdConnection {
   }
 
   #ok(req: NbdRequest): void {
-    this.#write([encodeSimpleReply(0, req.cookie)]);
+    // From Node's shared slab: a fresh small Uint8Array would get an off-heap store of its own once the
+    // socket takes it, one per request for the GC to sweep.
+    const b = Buffer.allocUnsafe(NBD_SIMPLE_REPLY_SIZE);
+    encodeSimpleReplyInto(b, 0, req.cookie);
+    this.#write([b]);
   }
 
   async #read(req: NbdRequest, exp: NbdExport, df: boolean): Promise<void> {
     const { offset, length, cookie } = req;
     const edge = exp.edge;
-    // Data buffers come from the pool and go back to it once written; after a failure they are dropped
-    // (a failed request may leave I/O on them behind it).
+    // Data is read into pooled buffers behind room for its reply header, so that header and data leave in
+    // one socket write; the buffers go back to the pool once written. After a failure they are dropped (a
+    // failed request may leave I/O on them behind it).
     const pool = this.host.bufferPool;
-    if (!this.#structured || df || length === 0) {
-      if (this.#structured && length === 0) {
-        this.#write([encodeChunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE.NONE, cookie)]);
-        return;
-      }
-      const buf = pool.acquire(length);
-      if (length > 0) await edge.readInto(offset, buf);
-      const head = this.#structured
-        ? encodeOffsetDataHeader(NBD_REPLY_FLAG_DONE, cookie, offset, length)
-        : encodeSimpleReply(0, cookie);
-      this.#write([head, buf], () => pool.release(buf));
+    if (this.#structured && length === 0) {
+      this.#write([encodeChunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE.NONE, cookie)]);
       return;
     }
-    // Sparse read: zero ranges become holes, the rest is read (all before anything is sent, so a failure
-    // is a single error chunk).
-    const runs: { offset: number; length: number; zero: boolean }[] = [];
-    try {
-      for (const e of await exp.node.blockStatusAbove(offset, length)) {
-        const last = runs.at(-1);
-        if (last !== undefined && last.zero === e.zero) last.length += e.length;
-        else runs.push({ offset: e.offset, length: e.length, zero: e.zero });
-      }
-    } catch {
-      runs.length = 0;
+    // Sparse read (structured, no DF): zero ranges become holes, the rest is read, all before anything
+    // is sent (a failure is then a single error chunk). Undefined: one run of data.
+    const runs = this.#structured && !df ? await exp.sparseRuns(offset, length) : undefined;
+    if (runs === undefined) {
+      const head = this.#structured ? OFFSET_DATA_HEADER_SIZE : NBD_SIMPLE_REPLY_SIZE;
+      const buf = pool.acquire(length, head);
+      if (length > 0) await edge.readInto(offset, buf.subarray(head));
+      if (this.#structured) encodeOffsetDataHeaderInto(buf, NBD_REPLY_FLAG_DONE, cookie, offset, length);
+      else encodeSimpleReplyInto(buf, 0, cookie);
+      this.#write([buf], () => pool.release(buf));
+      return;
     }
-    const covered = runs.reduce((s, r) => s + r.length, 0);
-    if (covered !== length) runs.splice(0, runs.length, { offset, length, zero: false });
     const out: Uint8Array[] = [];
     const data: Uint8Array[] = [];
     for (const [i, r] of runs.entries()) {
@@ -739,9 +746,10 @@ export class NbdConnection {
       if (r.zero) {
         out.push(encodeOffsetHole(flags, cookie, r.offset, r.length));
       } else {
-        const buf = pool.acquire(r.length);
-        await edge.readInto(r.offset, buf);
-        out.push(encodeOffsetDataHeader(flags, cookie, r.offset, r.length), buf);
+        const buf = pool.acquire(r.length, OFFSET_DATA_HEADER_SIZE);
+        await edge.readInto(r.offset, buf.subarray(OFFSET_DATA_HEADER_SIZE));
+        encodeOffsetDataHeaderInto(buf, flags, cookie, r.offset, r.length);
+        out.push(buf);
         data.push(buf);
       }
     }

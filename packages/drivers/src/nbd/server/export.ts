@@ -58,6 +58,22 @@ export interface NbdMetaContext {
   bitmap?: DirtyBitmap;
 }
 
+/** A run of a sparse READ reply: data, or zeroes sent as a hole. */
+export interface NbdReadRun {
+  offset: number;
+  length: number;
+  zero: boolean;
+}
+
+/**
+ * Granularity of an export's known-data cache: sparse READs of a window found to be all data skip the
+ * block-status query. Reads from the node always return what it holds, so a stale entry (another user
+ * of the node punched a hole since) only costs a hole sent as zeroed data.
+ */
+const DATA_WINDOW = 1 << 20;
+/** At most this many windows are remembered (64 GiB of data); beyond, the cache starts over. */
+const MAX_DATA_WINDOWS = 65536;
+
 /** At most this many extents per block-status chunk (QEMU's cap: 1 MiB of extent data). */
 export const NBD_MAX_BLOCK_STATUS_EXTENTS = 131072;
 
@@ -75,6 +91,8 @@ export class NbdExport {
   readonly contexts: readonly NbdMetaContext[];
   readonly edge: Edge;
   #removed = false;
+  /** Indexes of {@link DATA_WINDOW}-sized windows known to hold data only (no holes, no zero ranges). */
+  #dataWindows = new Set<number>();
 
   /** @internal Use {@link NbdServer.addExport}. @throws {BlkError} */
   constructor(options: NbdExportOptions) {
@@ -176,6 +194,67 @@ export class NbdExport {
     this.#removed = true;
     for (const c of this.contexts) if (c.bitmap !== undefined) c.bitmap.busy = false;
     this.node.graph.detach(this.edge);
+  }
+
+  /**
+   * How a sparse READ of `[offset, offset+length)` (length > 0, inside the export) is answered: runs of
+   * data and of zeroes (holes), or undefined when it is all data (one data chunk). A read inside one
+   * window asks the block status of the whole window and remembers a window that is all data; a failed
+   * query means data.
+   */
+  async sparseRuns(offset: number, length: number): Promise<NbdReadRun[] | undefined> {
+    const w = Math.floor(offset / DATA_WINDOW);
+    const oneWindow = Math.floor((offset + length - 1) / DATA_WINDOW) === w;
+    if (oneWindow && this.#dataWindows.has(w)) return undefined;
+    const start = oneWindow ? w * DATA_WINDOW : offset;
+    const end = oneWindow ? Math.min(start + DATA_WINDOW, this.size) : offset + length;
+    if (end < offset + length) return undefined; // the export shrank meanwhile: the read will tell
+    let extents: { offset: number; length: number; zero: boolean }[];
+    try {
+      extents = await this.node.blockStatusAbove(start, end - start);
+    } catch {
+      return undefined;
+    }
+    const first = extents[0];
+    if (
+      oneWindow &&
+      extents.length === 1 &&
+      first !== undefined &&
+      !first.zero &&
+      first.length === end - start
+    ) {
+      if (this.#dataWindows.size >= MAX_DATA_WINDOWS) this.#dataWindows.clear();
+      this.#dataWindows.add(w);
+      return undefined;
+    }
+    // Clip to the request and merge neighbours of the same kind.
+    const runs: NbdReadRun[] = [];
+    const stop = offset + length;
+    for (const e of extents) {
+      const a = Math.max(e.offset, offset);
+      const b = Math.min(e.offset + e.length, stop);
+      if (b <= a) continue;
+      const last = runs.at(-1);
+      if (last !== undefined && last.zero === e.zero && last.offset + last.length === a) last.length += b - a;
+      else runs.push({ offset: a, length: b - a, zero: e.zero });
+    }
+    const covered = runs.reduce((n, r) => n + r.length, 0);
+    const only = runs[0];
+    if (covered !== length || only === undefined || only.offset !== offset) return undefined;
+    if (runs.length === 1 && !only.zero) return undefined;
+    return runs;
+  }
+
+  /** Forgets what the known-data cache says about `[offset, offset+length)` (after TRIM, WRITE_ZEROES). */
+  forgetData(offset: number, length: number): void {
+    if (this.#dataWindows.size === 0 || length <= 0) return;
+    const first = Math.floor(offset / DATA_WINDOW);
+    const last = Math.floor((offset + length - 1) / DATA_WINDOW);
+    if (last - first >= this.#dataWindows.size) {
+      for (const w of this.#dataWindows) if (w >= first && w <= last) this.#dataWindows.delete(w);
+    } else {
+      for (let w = first; w <= last; w++) this.#dataWindows.delete(w);
+    }
   }
 
   /**
