@@ -15,6 +15,7 @@ import {
   PERM_ALL,
   toBlkError,
 } from "@blk/core";
+import { systemClock } from "@blk/throttle";
 import { errnoError, JobError } from "./errors.ts";
 import { Job, type JobOptions } from "./job.ts";
 import { BLOCK_JOB_SLICE_NS, defaultRateLimit, type RateLimitLike } from "./ratelimit.ts";
@@ -27,6 +28,15 @@ import type {
   IoOperationType,
   QueryOptions,
 } from "./types.ts";
+
+/**
+ * Chunks an unlimited stream or commit copies per request on the process clock: 8 (4 MiB). Each request
+ * costs an I/O round trip or two and, on a qcow2 target, a metadata flush; copying consecutive chunks of the
+ * same allocation together divides that by eight. The loop still yields between requests and reports
+ * progress at offsets QEMU's one-chunk loop passes through too; a failed request fails the job at its
+ * first chunk (QEMU: at the chunk that failed, which may be a later one of the eight).
+ */
+export const UNLIMITED_BATCH_CHUNKS = 8;
 
 /** The job types that are block jobs (listed by `query-block-jobs`, found by `block-job-*`). */
 export type BlockJobType = "commit" | "stream" | "mirror" | "backup";
@@ -164,6 +174,18 @@ export abstract class BlockJob extends Job {
   /** Releases the held nodes. Subclasses overriding `clean` call `super.clean()` last. */
   protected override clean(): void | Promise<void> {
     this.releaseNodes();
+  }
+
+  /**
+   * How many of its chunks a serial copy loop (stream, commit) copies in one request:
+   * {@link UNLIMITED_BATCH_CHUNKS} when the job is unlimited, runs on the process clock and reports errors
+   * (`on-error: report`), else 1 — QEMU's one chunk per iteration, which rate limits, the other error
+   * policies and the tests' manual clocks see exactly. See {@link UNLIMITED_BATCH_CHUNKS}.
+   */
+  protected copyBatchChunks(onError: BlockdevOnError): number {
+    return this.#speed === 0 && onError === "report" && this.clock === systemClock
+      ? UNLIMITED_BATCH_CHUNKS
+      : 1;
   }
 
   /** Nanoseconds the rate limit asks to wait before the next submission (0 = go), without accounting. */

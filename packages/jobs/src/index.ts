@@ -9,6 +9,7 @@ export {
   checkNodeNotBusy,
   drainedSection,
   type IgnoredError,
+  UNLIMITED_BATCH_CHUNKS,
 } from "./block-job.ts";
 export * from "./commit/index.ts";
 export { errnoError, isJobError, JobError, type JobQmpClass, strerror, verbError } from "./errors.ts";

@@ -9,7 +9,7 @@
  * visible before the verb that caused them returns, as in QEMU. The end of `run` is processed later, like
  * QEMU's `job_exit` bottom half.
  */
-import type { Clock } from "@blk/throttle";
+import { type Clock, systemClock } from "@blk/throttle";
 import { errnoError, JobError, verbError } from "./errors.ts";
 import type { JobManager } from "./manager.ts";
 import {
@@ -603,10 +603,22 @@ export abstract class Job {
         timer: undefined,
       };
       this.#parked = parked;
-      if (timeoutNs !== undefined) {
-        parked.timer = this.clock.setTimer(() => this.enter(), Math.max(0, timeoutNs));
-      }
+      if (timeoutNs !== undefined) parked.timer = this.#armTimer(timeoutNs);
     });
+  }
+
+  /**
+   * The wake-up timer of a sleep. On the process clock a zero-delay sleep (the yield of an unlimited job
+   * after each chunk, QEMU's `job_sleep_ns(0)`) waits for one event-loop turn: `setTimeout` would wait at
+   * least 1 ms, which alone capped stream and commit at 512 KiB per millisecond. Other clocks (tests) get
+   * the timer as asked.
+   */
+  #armTimer(ns: number): { cancel(): void } {
+    if (ns <= 0 && this.clock === systemClock) {
+      const h = setImmediate(() => this.enter());
+      return { cancel: () => clearImmediate(h) };
+    }
+    return this.clock.setTimer(() => this.enter(), Math.max(0, ns));
   }
 
   #background(p: Promise<void>): void {

@@ -116,6 +116,7 @@ export class CommitJob extends BlockJob {
   #dropped = false;
   #bytesCopied = 0;
   #filterGone = false;
+  #buf: Uint8Array | undefined;
 
   /** @internal Use {@link commit}. */
   constructor(init: CommitJobInit) {
@@ -172,7 +173,7 @@ export class CommitJob extends BlockJob {
     for (let offset = 0; offset < len; ) {
       await this.ratelimitSleep();
       if (this.isCancelled()) break;
-      let n = Math.min(COMMIT_BUFFER_SIZE, len - offset);
+      let n = Math.min(COMMIT_BUFFER_SIZE * this.copyBatchChunks(this.onError), len - offset);
       let copy = false;
       try {
         let first: { length: number; allocated: boolean } | undefined;
@@ -184,9 +185,11 @@ export class CommitJob extends BlockJob {
         n = first?.length ?? len - offset;
         copy = first?.allocated ?? false;
         if (copy) {
-          let buf: Uint8Array;
+          // One buffer for the whole job (the loop copies one request at a time), as QEMU's commit does.
+          if (this.#buf === undefined || this.#buf.length < n) this.#buf = new Uint8Array(n);
+          const buf = this.#buf.subarray(0, n);
           try {
-            buf = await top.read(offset, n);
+            await top.readInto(offset, buf);
           } catch (e) {
             throw new IoFailure("read", toBlkError(e));
           }

@@ -23,6 +23,9 @@ import {
 import { RequestTracker } from "@blk/notifiers";
 import { backingOf } from "./chain.ts";
 
+/** Largest copy buffer a `copy-on-read` node keeps between copies: one batched stream request (4 MiB). */
+const SPARE_MAX = 8 * 524_288;
+
 /** Options of the `copy-on-read` driver (QAPI `BlockdevOptionsCor`). */
 export interface CopyOnReadOptions {
   /** Node name of the lowest node whose data is copied; default: the whole chain below the device. */
@@ -36,6 +39,7 @@ export class CopyOnReadState extends FilterDriverState {
   /** Guest reads populate the device (true by default; the stream job turns it off once it finished). */
   populateOnRead = true;
   readonly #tracker = new RequestTracker();
+  #spare: Uint8Array | undefined;
 
   constructor(child: Edge, base?: BlockNode) {
     super(child);
@@ -57,16 +61,33 @@ export class CopyOnReadState extends FilterDriverState {
       const device = this.child.child;
       const extents = await device.blockStatusAbove(offset, end - offset, { base: this.base ?? null });
       let copied = 0;
-      for (const e of extents) {
-        if (!e.allocated || (e.depth ?? 0) === 0) continue;
-        const buf = await this.child.read(e.offset, e.length);
-        await this.child.write(e.offset, buf, { writeUnchanged: true });
-        copied += e.length;
+      let spare: Uint8Array | undefined;
+      try {
+        for (const e of extents) {
+          if (!e.allocated || (e.depth ?? 0) === 0) continue;
+          spare ??= this.#takeSpare(end - offset);
+          const buf = spare.length >= e.length ? spare.subarray(0, e.length) : new Uint8Array(e.length);
+          await this.child.readInto(e.offset, buf);
+          await this.child.write(e.offset, buf, { writeUnchanged: true });
+          copied += e.length;
+        }
+      } finally {
+        if (spare !== undefined) this.#spare ??= spare;
       }
       return copied;
     } finally {
       lock.end();
     }
+  }
+
+  /**
+   * A copy buffer for a copy of `bytes` (extents longer than it get their own): the one kept from the
+   * previous copy, so the stream job does not allocate a buffer per chunk; concurrent copies get new ones.
+   */
+  #takeSpare(bytes: number): Uint8Array {
+    const spare = this.#spare;
+    this.#spare = undefined;
+    return spare ?? new Uint8Array(Math.min(bytes, SPARE_MAX));
   }
 
   async #guestWrite(offset: number, bytes: number, fn: () => Promise<void>): Promise<void> {

@@ -126,10 +126,10 @@ export class StreamJob extends BlockJob {
     const base = this.base ?? null;
     let firstError: BlkError | undefined;
     for (let offset = 0; offset < len; ) {
-      // Even unlimited, yield once per chunk so drains and pauses get their turn.
+      // Even unlimited, yield once per request so drains and pauses get their turn.
       await this.ratelimitSleep();
       if (this.isCancelled()) break;
-      let n = Math.min(STREAM_CHUNK, len - offset);
+      let n = Math.min(STREAM_CHUNK * this.copyBatchChunks(this.onError), len - offset);
       let copy = false;
       try {
         const first = (await this.device.blockStatusAbove(offset, n, { base }))[0];
