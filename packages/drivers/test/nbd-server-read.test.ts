@@ -146,4 +146,31 @@ describe("NbdServer READ fast path", () => {
       c.close();
     }
   });
+
+  it("serves the node its edge points to after a node replacement (mirror complete), holes included", async () => {
+    const g = new BlockGraph();
+    const src = await g.open(memoryDriver, { size: 2 * MiB }, { nodeName: "src" });
+    const dst = await g.open(memoryDriver, { size: 2 * MiB }, { nodeName: "dst" });
+    await src.write(0, new Uint8Array(2 * MiB).fill(0x11));
+    await dst.write(K64, new Uint8Array(K64).fill(0x22));
+    const srv = new NbdServer();
+    const exp = srv.addExport({ name: "m", node: src });
+    const path = join(dir.path, "m.sock");
+    await srv.listen({ type: "unix", path });
+    const c = await rawGo(path, "m");
+    try {
+      // Window 0 seen as all data on src.
+      expect(shape(await read(c, 1n, 0, K64))).toEqual([`data@0+${K64}`]);
+      g.replaceNode(src, dst);
+      expect(exp.node).toBe(dst);
+      const r = await read(c, 2n, 0, 3 * K64);
+      expect(shape(r)).toEqual([`hole@0+${K64}`, `data@${K64}+${K64}`, `hole@${2 * K64}+${K64}`]);
+      const want = new Uint8Array(3 * K64);
+      want.fill(0x22, K64, 2 * K64);
+      expect(same(assemble(r, 0, 3 * K64), want)).toBe(true);
+    } finally {
+      c.close();
+      await srv.close();
+    }
+  });
 });

@@ -82,7 +82,6 @@ const utf8 = new TextEncoder();
 /** A live export. Created by {@link NbdServer.addExport}. */
 export class NbdExport {
   readonly name: string;
-  readonly node: BlockNode;
   readonly description: string | undefined;
   readonly writable: boolean;
   readonly multiConn: boolean;
@@ -93,6 +92,8 @@ export class NbdExport {
   #removed = false;
   /** Indexes of {@link DATA_WINDOW}-sized windows known to hold data only (no holes, no zero ranges). */
   #dataWindows = new Set<number>();
+  /** The node {@link NbdExport.#dataWindows} describes (the cache is dropped when the edge moves). */
+  #dataWindowsOf: BlockNode | undefined;
 
   /** @internal Use {@link NbdServer.addExport}. @throws {BlkError} */
   constructor(options: NbdExportOptions) {
@@ -109,7 +110,6 @@ export class NbdExport {
       throw new BlkError("EINVAL", `maxPayload must be in [4096, ${NBD_MAX_PAYLOAD}]`);
     }
     this.name = name;
-    this.node = node;
     this.description = options.description;
     this.writable = options.writable ?? false;
     this.multiConn = options.multiConn ?? true;
@@ -139,6 +139,14 @@ export class NbdExport {
     const perm = PERM.CONSISTENT_READ | (this.writable ? PERM.WRITE : 0);
     this.edge = node.graph.attach(backendParent(), node, { name: "root", perm, shared: PERM_ALL });
     for (const b of bitmaps) b.busy = true;
+  }
+
+  /**
+   * The node the export serves now: its edge's child, which a completed mirror (or any node replacement)
+   * moves to another node.
+   */
+  get node(): BlockNode {
+    return this.edge.child;
   }
 
   /** Current size in bytes. */
@@ -203,6 +211,11 @@ export class NbdExport {
    * query means data.
    */
   async sparseRuns(offset: number, length: number): Promise<NbdReadRun[] | undefined> {
+    const node = this.node;
+    if (this.#dataWindowsOf !== node) {
+      this.#dataWindows.clear();
+      this.#dataWindowsOf = node;
+    }
     const w = Math.floor(offset / DATA_WINDOW);
     const oneWindow = Math.floor((offset + length - 1) / DATA_WINDOW) === w;
     if (oneWindow && this.#dataWindows.has(w)) return undefined;
@@ -211,7 +224,7 @@ export class NbdExport {
     if (end < offset + length) return undefined; // the export shrank meanwhile: the read will tell
     let extents: { offset: number; length: number; zero: boolean }[];
     try {
-      extents = await this.node.blockStatusAbove(start, end - start);
+      extents = await node.blockStatusAbove(start, end - start);
     } catch {
       return undefined;
     }
