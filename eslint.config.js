@@ -21,7 +21,14 @@ export default tseslint.config(
       "@typescript-eslint/no-unnecessary-condition": "error",
       "no-restricted-imports": [
         "error",
-        { patterns: [{ group: ["@blk/*/src/*", "@blk/*/internal/*", "@blk/*/dist/*"], message: "Import a package only through its exports map." }] },
+        {
+          patterns: [
+            {
+              group: ["@blk/*/src/*", "@blk/*/internal/*", "@blk/*/dist/*"],
+              message: "Import a package only through its exports map.",
+            },
+          ],
+        },
       ],
     },
   },
