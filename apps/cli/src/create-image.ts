@@ -4,7 +4,7 @@
  * that gains `create` works here without changes.
  */
 import { BlkError } from "@blk/core";
-import { fileDriver, getDriver, type PreallocMode } from "@blk/drivers";
+import { fileDriver, getDriver, openImage, type PreallocMode } from "@blk/drivers";
 import { CliError, messageOf } from "./errors.ts";
 import { parseSize } from "./size.ts";
 
@@ -128,6 +128,10 @@ export async function createImage(
   options: readonly CreateOption[],
 ): Promise<void> {
   const opts = new Map(options);
+  if (/^nbds?(\+(tcp|unix))?:/i.test(filename)) {
+    await createOverNbd(format, filename, size);
+    return;
+  }
   try {
     if (format === "raw") {
       const prealloc = opts.get("preallocation") ?? "off";
@@ -149,4 +153,25 @@ export async function createImage(
     }
     throw new CliError(messageOf(e));
   }
+}
+
+/**
+ * "Creating" an image on an NBD export, as QEMU's fallback for protocols that cannot create: the export
+ * must open, and be at least `size` bytes (NBD nodes cannot grow). Only raw images go there with blk-img.
+ * @throws {CliError} QEMU's messages (`Protocol driver 'nbd' does not support image creation, and opening
+ *   the image failed: …`, `Cannot grow NBD nodes`)
+ */
+async function createOverNbd(format: string, filename: string, size: number): Promise<void> {
+  let length: number;
+  try {
+    await using img = await openImage(filename, { format: "raw", readOnly: true });
+    length = img.node.length;
+  } catch (e) {
+    throw new CliError(
+      `Protocol driver 'nbd' does not support image creation, and opening the image failed: ${messageOf(e)}`,
+    );
+  }
+  if (length < size) throw new CliError("Cannot grow NBD nodes");
+  if (format !== "raw")
+    throw new CliError(`Creating '${format}' images on NBD exports is not supported by blk-img yet`);
 }

@@ -19,7 +19,7 @@ import {
 } from "@blk/core";
 import { blkdebugDriver } from "../blkdebug/index.ts";
 import { fileDriver } from "../file/index.ts";
-import { nbdDriver } from "../nbd/client/index.ts";
+import { nbdDriver, parseNbdUri } from "../nbd/client/index.ts";
 import { nullDriver } from "../null/index.ts";
 import { openQcow2, qcow2Driver } from "../qcow2/index.ts";
 import { probedRawWarning, type RawState, rawChildRole, rawDriver } from "../raw/index.ts";
@@ -239,6 +239,16 @@ function parseFilename(filename: string): BlockdevOptions | undefined {
 }
 
 /**
+ * The protocol node of a filename that is an NBD URI as QEMU accepts one wherever a filename goes
+ * (`nbd://`, `nbd+tcp://`, `nbd+unix://`, legacy `nbd:host:port[:exportname=X]`), else undefined.
+ * @throws {BlkError} EINVAL for a malformed NBD URI (QEMU's messages)
+ */
+function protocolFilename(filename: string): BlockdevOptions | undefined {
+  if (!/^nbds?(\+(tcp|unix))?:/i.test(filename)) return undefined;
+  return { driver: "nbd", ...parseNbdUri(filename) } as BlockdevOptions;
+}
+
+/**
  * Opens an image the way qemu-img/qemu-io do: a `file` node for a filename (or the tree given as
  * blockdev options or a `json:{…}` filename), the format given or probed on top (a probed raw image
  * opened writable gets QEMU's warning and its block-0 write restriction), and an unnamed block-backend
@@ -280,8 +290,11 @@ export async function openImage(
       format = top.driver.format;
       file = top.children.get("file")?.child;
     } else {
+      const uri = typeof filenameOrOptions === "string" ? protocolFilename(filenameOrOptions) : undefined;
       if (tree !== undefined) {
         file = await openBlockdev(graph, withCommon(tree, base), { registry });
+      } else if (uri !== undefined) {
+        file = await openBlockdev(graph, withCommon(uri, { ...base, discard: "unmap" }), { registry });
       } else {
         const fileDrv = registry.require("file");
         const raw = {
@@ -305,7 +318,12 @@ export async function openImage(
         probed = true;
       }
       const driver = registry.require(format);
-      if (format === "qcow2" && driver === qcow2Driver && typeof filenameOrOptions === "string") {
+      if (
+        format === "qcow2" &&
+        driver === qcow2Driver &&
+        typeof filenameOrOptions === "string" &&
+        uri === undefined
+      ) {
         // A qcow2 image names its backing files: open the whole chain, as qemu-img does, rather than a
         // top layer whose unallocated clusters would wrongly read as zeroes.
         for (const n of nodes.reverse()) await graph.delete(n, { force: true });
