@@ -69,7 +69,7 @@ export { type Qcow2CheckResult, type Qcow2Run, Qcow2State, SC, type SubclusterTy
 export interface Qcow2Options {
   /** L2 cache size in bytes (default: enough to cover the image, at most 32 MiB). */
   "l2-cache-size"?: number;
-  /** Total metadata cache size in bytes; the L2 cache takes all of it (metadata is written through, uncached). */
+  /** Total metadata cache size in bytes; the L2 cache takes all of it (refcount blocks are cached apart). */
   "cache-size"?: number;
   /** `null`: do not use a backing file even if the image names one (reads of unallocated areas give zeroes). */
   backing?: null;

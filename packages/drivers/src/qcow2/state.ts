@@ -77,6 +77,11 @@ const L1E_COPIED_HI = 0x80000000;
 const HEADER_INCOMPAT_AT = 72;
 /** Most clusters one allocating write request allocates at once (bounds one refcount flush's work). */
 const MAX_BATCH_CLUSTERS = 1024;
+/**
+ * Most L2 entries linked in memory before they are written out (with their refcounts and one flush first):
+ * bounds what a crash can leave leaked and the memory the pending maps take.
+ */
+const MAX_PENDING_ENTRIES = 65536;
 /** Offset of `autoclear_features` in the header. */
 const HEADER_AUTOCLEAR_AT = 88;
 /** Autoclear bit 0: the bitmaps extension is consistent. */
@@ -117,6 +122,8 @@ interface AllocRequest {
   data: Uint8Array;
   bytes: number | undefined;
   error: Error | undefined;
+  /** Set when the request's batch was committed: settles once its data is written and its entries linked. */
+  done?: Promise<void>;
 }
 
 /** Guest clusters one group commit allocates, by guest offset. */
@@ -205,8 +212,20 @@ export class Qcow2State extends BlockDriverBase {
    */
   readonly #pendingL2 = new Map<number, Map<number, [number, number]>>();
   #pendingCount = 0;
+  /**
+   * Guest clusters of committed batches whose data writes are still running (they run outside the metadata
+   * lock): each promise settles once the cluster's entry is linked (or the batch failed).
+   */
+  readonly #inflight = new Map<number, Promise<void>>();
+  /**
+   * Refcount increments of the pending entries' clusters made in memory but not written yet: byte range
+   * `[from, to)` of each refcount block (by reftable index). #flushPending writes them before its flush.
+   */
+  readonly #pendingRefs = new Map<number, [number, number]>();
   /** Something was written to the file since its last flush. */
   #unflushed = false;
+  /** Counts file writes starting and ending (a flush clears #unflushed only when none did meanwhile). */
+  #writeEvents = 0;
   /** Whole-cluster writes into unallocated clusters are stored compressed (`qemu-img convert -c`). */
   #compress = false;
   /** Where the next compressed cluster may go (QEMU's `free_byte_offset`; 0: a new host cluster). */
@@ -333,9 +352,16 @@ export class Qcow2State extends BlockDriverBase {
     c.set(l2Offset, p);
     p.catch(() => c.delete(l2Offset));
     while (c.size > this.l2CacheEntries) {
-      const oldest = c.keys().next().value;
-      if (oldest === undefined) break;
-      c.delete(oldest);
+      // The least recently used table without pending entries (those stay until written).
+      let victim: number | undefined;
+      for (const k of c.keys()) {
+        if (!this.#pendingL2.has(k)) {
+          victim = k;
+          break;
+        }
+      }
+      if (victim === undefined) break;
+      c.delete(victim);
     }
     return p;
   }
@@ -566,12 +592,14 @@ export class Qcow2State extends BlockDriverBase {
 
   // ---- write path --------------------------------------------------------------------------------
   //
-  // Metadata is written through (no write-back cache): every ordering rule of qcow2.md §9 becomes an
-  // explicit write followed by a flush of the file. Allocation, L1/L2 entry and refcount updates run
-  // one at a time under #locked, and the mapping is looked up again under the lock, so two requests
-  // touching the same unallocated cluster never allocate it twice (the second one writes in place).
-  // Allocating writes that queue up meanwhile are written together (group commit, below): one flush
-  // covers all of their refcounts and copied-on-write bytes before any of their L2 entries is written.
+  // Metadata is written through, except for allocating writes into unallocated or plain zero clusters:
+  // every ordering rule of qcow2.md §9 becomes an explicit write followed by a flush of the file.
+  // Allocation, L1/L2 entry and refcount updates run one at a time under #locked, and the mapping is
+  // looked up again under the lock (after any batch still writing the same clusters has linked them), so
+  // two requests touching the same unallocated cluster never allocate it twice (the second one writes in
+  // place). Allocating writes are written back (group commit, below): their refcounts and L2 entries stay
+  // in memory until a flush, a close, a reopen to read-only, another metadata change or a size limit;
+  // then one flush covers all of their refcounts and data before any of their L2 entries is written.
 
   /** Runs `fn` with the metadata lock held. */
   async #locked<T>(fn: () => Promise<T>): Promise<T> {
@@ -631,12 +659,20 @@ export class Qcow2State extends BlockDriverBase {
 
   async #fileWrite(offset: number, data: Uint8Array): Promise<void> {
     this.#unflushed = true;
-    await this.#file.write(offset, data);
+    this.#writeEvents++;
+    try {
+      await this.#file.write(offset, data);
+    } finally {
+      // A flush running meanwhile may not cover this write (data writes run outside the metadata lock).
+      this.#writeEvents++;
+    }
   }
 
   async #fileFlush(): Promise<void> {
-    this.#unflushed = false;
+    const mark = this.#writeEvents;
     await this.#file.flush();
+    // Stable now, unless a write started or ended while the flush ran.
+    if (this.#writeEvents === mark) this.#unflushed = false;
   }
 
   /** Writes `incompatible_features` (8 bytes at 72) with a flush. */
@@ -724,6 +760,65 @@ export class Qcow2State extends BlockDriverBase {
     await this.#writeRefEntry(index, block, c - index * per);
     if (flush && !this.dirty) await this.#fileFlush();
     return c * this.clusterSize;
+  }
+
+  /**
+   * Allocates `count` clusters (first fit, one by one as #allocCluster would) for pending L2 entries: their
+   * refcounts become 1 in memory only; #flushPending writes each touched range of a refcount block once,
+   * and flushes, before it writes any L2 entry (R1). Returns their host offsets.
+   */
+  async #allocPending(count: number): Promise<number[]> {
+    const per = this.#perRefblock;
+    const bits = this.#refBits;
+    const hosts: number[] = [];
+    for (let k = 0; k < count; k++) {
+      // Usually the hint is free and its refcount block loaded: no search.
+      let c = this.#freeHint;
+      let index = Math.floor(c / per);
+      const hinted = index < this.#reftable.length / 8 ? this.#refblocks.get(index) : undefined;
+      if (hinted !== undefined && this.#refcountIn(hinted, c - index * per) === 0) {
+        this.#freeHint = c + 1;
+      } else {
+        c = await this.#findRun(1);
+        index = Math.floor(c / per);
+      }
+      const block = await this.#refblock(index);
+      if (block === undefined) throw new BlkError("EIO", `qcow2: no refcount block for cluster ${hex(c)}`);
+      const i = c - index * per;
+      setRefcount(block, bits, i, 1);
+      const from = bits < 8 ? (i * bits) >>> 3 : (i * bits) / 8;
+      const to = from + (bits < 8 ? 1 : bits / 8);
+      const r = this.#pendingRefs.get(index);
+      if (r === undefined) this.#pendingRefs.set(index, [from, to]);
+      else {
+        r[0] = Math.min(r[0], from);
+        r[1] = Math.max(r[1], to);
+      }
+      hosts.push(c * this.clusterSize);
+    }
+    return hosts;
+  }
+
+  /** Writes the refcount ranges #allocPending changed in memory (no flush). */
+  async #writePendingRefs(): Promise<void> {
+    if (this.#pendingRefs.size === 0) return;
+    const rt = new DataView(this.#reftable.buffer, this.#reftable.byteOffset, this.#reftable.length);
+    const ranges = [...this.#pendingRefs].sort((a, b) => a[0] - b[0]);
+    const results = await Promise.allSettled(
+      ranges.map(async ([index, [from, to]]) => {
+        const block = this.#refblocks.get(index);
+        if (block === undefined) return;
+        const off =
+          rt.getUint32(index * 8) * 2 ** 32 + ((rt.getUint32(index * 8 + 4) & OFFSET_MASK_LO) >>> 0);
+        await this.#fileWrite(off + from, block.slice(from, to));
+      }),
+    );
+    // A range whose write failed stays pending (its L2 entries are not written before it is).
+    for (const [k, r] of results.entries()) {
+      const index = ranges[k]?.[0];
+      if (r.status === "fulfilled" && index !== undefined) this.#pendingRefs.delete(index);
+    }
+    for (const r of results) if (r.status === "rejected") throw r.reason;
   }
 
   /**
@@ -1112,8 +1207,14 @@ export class Qcow2State extends BlockDriverBase {
    */
   async #allocatingWrite(pos: number, data: Uint8Array): Promise<number> {
     const cs = this.clusterSize;
+    let run = await this.mapRun(pos, data.length);
+    if (run.type === SC.NORMAL && (run.entryHi & L2E_COPIED_HI) !== 0) {
+      // Allocated meanwhile (and perhaps still pending): in place, as #plainWrite.
+      await this.#fileWrite(run.host, data.subarray(0, run.bytes));
+      return run.bytes;
+    }
     await this.#flushPending();
-    const run = await this.mapRun(pos, data.length);
+    run = await this.mapRun(pos, data.length);
     const copied = (run.entryHi & L2E_COPIED_HI) !== 0;
     if (run.type === SC.NORMAL && copied) {
       await this.#fileWrite(run.host, data.subarray(0, run.bytes));
@@ -1237,20 +1338,40 @@ export class Qcow2State extends BlockDriverBase {
   }
 
   // Group commit: allocating writes queue up while one of them holds the metadata lock; the next to get
-  // the lock writes every queued one it can in one batch — refcounts of all new clusters, all the data,
-  // one flush (making the refcounts, R1, and the bytes copied around partial writes, R3, stable), then the
-  // L2 entries — so that concurrent writers share one flush instead of paying two each.
+  // the lock writes every queued one it can in one batch: the new clusters' refcounts go up in memory,
+  // all the data is written, and the L2 entries are linked in memory (pending). #flushPending later writes
+  // the refcounts, flushes (making them, R1, and the data, R3, stable), then writes the L2 entries — so
+  // that many allocating writes share one flush, as QEMU's write-back metadata caches do.
 
   /** Writes the start of `data` at `pos` where its clusters are not normal ones; returns the bytes done. */
   async #queuedAllocatingWrite(pos: number, data: Uint8Array): Promise<number> {
     const req: AllocRequest = { pos, data, bytes: undefined, error: undefined };
     this.#allocQueue.push(req);
-    return this.#locked(async () => {
+    await this.#locked(async () => {
       if (req.bytes === undefined && req.error === undefined)
         await this.#allocGroup(this.#allocQueue.splice(0));
-      if (req.error !== undefined) throw req.error;
-      return req.bytes ?? 0;
     });
+    // The batch's data goes out without the lock, so that the next group can start meanwhile.
+    if (req.done !== undefined) await req.done;
+    if (req.error !== undefined) throw req.error;
+    return req.bytes ?? 0;
+  }
+
+  /** Waits until no cluster of `[pos, end)` is being allocated by a committed batch. */
+  async #waitInflight(pos: number, end: number): Promise<void> {
+    if (this.#inflight.size === 0) return;
+    const cs = this.clusterSize;
+    const waits: Promise<void>[] = [];
+    for (let c = Math.floor(pos / cs) * cs; c < end; c += cs) {
+      const p = this.#inflight.get(c);
+      if (p !== undefined) waits.push(p);
+    }
+    if (waits.length > 0) await Promise.allSettled(waits);
+  }
+
+  /** Waits until every committed batch has written its data and linked its entries. */
+  async #drainInflight(): Promise<void> {
+    while (this.#inflight.size > 0) await Promise.allSettled([...new Set(this.#inflight.values())]);
   }
 
   /**
@@ -1259,45 +1380,47 @@ export class Qcow2State extends BlockDriverBase {
    * allocated zero cluster, a cluster allocated meanwhile) commits the batch first and runs on its own.
    */
   async #allocGroup(group: AllocRequest[]): Promise<void> {
+    const cs = this.clusterSize;
     let batch: AllocBatch = { clusters: new Map(), requests: [] };
-    // Requests whose L2 entries are linked but not written yet: they complete once they are.
-    let linked: AllocRequest[] = [];
     const commit = async (): Promise<void> => {
       const b = batch;
       batch = { clusters: new Map(), requests: [] };
       try {
         await this.#commitBatch(b);
-        linked.push(...b.requests);
       } catch (e) {
         for (const r of b.requests) r.error = asError(e);
       }
     };
-    const writeOut = async (): Promise<void> => {
-      await commit();
-      const waiting = linked;
-      linked = [];
-      try {
-        await this.#flushPending();
-      } catch (e) {
-        for (const r of waiting) r.error = asError(e);
-      }
-    };
     for (const req of group) {
       try {
-        const n = batch.clusters.size >= 4 * MAX_BATCH_CLUSTERS ? 0 : await this.#addToBatch(batch, req);
+        if (batch.clusters.size >= 4 * MAX_BATCH_CLUSTERS) await commit();
+        // A cluster another batch is still writing is allocated already: let that batch link it first.
+        await this.#waitInflight(
+          req.pos,
+          Math.min(req.pos + req.data.length, req.pos + MAX_BATCH_CLUSTERS * cs),
+        );
+        const n = await this.#addToBatch(batch, req);
         if (n > 0) {
           req.bytes = n;
           batch.requests.push(req);
           continue;
         }
-        await writeOut();
+        await commit();
         req.bytes = await this.#allocatingWrite(req.pos, req.data);
       } catch (e) {
         req.error = asError(e);
       }
     }
-    // Nothing stays pending past the group: the node may drop its write permission once requests end.
-    await writeOut();
+    await commit();
+    // The linked entries stay pending (reads see them) until a flush, a close, a reopen to read-only, any
+    // operation that reads or changes L2 tables on disk, or until there are many of them.
+    if (this.#pendingCount >= MAX_PENDING_ENTRIES) {
+      try {
+        await this.#flushPending();
+      } catch (e) {
+        for (const r of group) r.error ??= asError(e);
+      }
+    }
   }
 
   /**
@@ -1341,35 +1464,69 @@ export class Qcow2State extends BlockDriverBase {
     return end - pos;
   }
 
-  /** Allocates, writes and links the batch's clusters with the ordering described above. */
+  /**
+   * Allocates the batch's clusters (under the metadata lock), then starts their data writes without
+   * waiting: one write per run of host-contiguous clusters whose buffers are consecutive pieces of one
+   * caller buffer (a view of it, never a copy), after which the run's L2 entries are linked. Each request
+   * gets the completion of its own runs as `done`; the guest clusters are in #inflight meanwhile.
+   */
   async #commitBatch(batch: AllocBatch): Promise<void> {
     if (batch.clusters.size === 0) return;
     const cs = this.clusterSize;
-    const items = [...batch.clusters.values()];
-    const hosts: number[] = [];
-    for (const _ of items) hosts.push(await this.#allocCluster(false));
-    // Data, one write per host-contiguous stretch.
-    const order = items.map((e, k) => ({ e, host: hosts[k] ?? 0 })).sort((a, b) => a.host - b.host);
+    const entries = [...batch.clusters];
+    const hosts = await this.#allocPending(entries.length);
+    const order = entries
+      .map(([guest, e], k) => ({ guest, e, host: hosts[k] ?? 0 }))
+      .sort((a, b) => a.host - b.host);
+    const runOf = new Map<number, Promise<void>>();
     for (let i = 0; i < order.length; ) {
+      const first = order[i]?.e.buf ?? new Uint8Array(0);
+      let end = first.byteOffset + first.length;
       let j = i + 1;
-      while (j < order.length && (order[j]?.host ?? 0) === (order[j - 1]?.host ?? 0) + cs) j++;
-      const stretch = order.slice(i, j).map((o) => o.e.buf);
-      await this.#fileWrite(
-        order[i]?.host ?? 0,
-        stretch.length === 1 ? (stretch[0] ?? new Uint8Array(0)) : Buffer.concat(stretch),
+      for (; j < order.length; j++) {
+        const o = order[j];
+        if (o === undefined || o.host !== (order[j - 1]?.host ?? 0) + cs) break;
+        if (o.e.buf.buffer !== first.buffer || o.e.buf.byteOffset !== end) break;
+        end += o.e.buf.length;
+      }
+      const members = order.slice(i, j);
+      const view =
+        j === i + 1 ? first : new Uint8Array(first.buffer, first.byteOffset, end - first.byteOffset);
+      const host = order[i]?.host ?? 0;
+      const done = (async () => {
+        await this.#fileWrite(host, view);
+        // The L2 entries wait (in memory, where reads see them) for the flush that makes the refcounts
+        // (R1) and the copied-on-write bytes (R3) stable: #flushPending.
+        for (const m of members) {
+          await this.#linkPending(
+            m.e.l2Offset,
+            m.e.l2Index,
+            (L2E_COPIED_HI | Math.floor(m.host / 2 ** 32)) >>> 0,
+            m.host >>> 0,
+          );
+        }
+      })();
+      // Rejections reach the requests through `done`.
+      const settled = done.then(
+        () => {},
+        () => {},
       );
+      for (const m of members) {
+        runOf.set(m.guest, done);
+        this.#inflight.set(m.guest, settled);
+      }
+      void settled.then(() => {
+        for (const m of members) if (this.#inflight.get(m.guest) === settled) this.#inflight.delete(m.guest);
+      });
       i = j;
     }
-    // The L2 entries wait (in memory, where reads see them) for the flush that makes the refcounts (R1)
-    // and the copied-on-write bytes (R3) stable: #flushPending.
-    for (const [k, e] of items.entries()) {
-      const h = hosts[k] ?? 0;
-      await this.#linkPending(
-        e.l2Offset,
-        e.l2Index,
-        (L2E_COPIED_HI | Math.floor(h / 2 ** 32)) >>> 0,
-        h >>> 0,
-      );
+    for (const r of batch.requests) {
+      const waits: Promise<void>[] = [];
+      for (let c = Math.floor(r.pos / cs) * cs; c < r.pos + (r.bytes ?? 0); c += cs) {
+        const p = runOf.get(c);
+        if (p !== undefined && !waits.includes(p)) waits.push(p);
+      }
+      r.done = Promise.all(waits).then(() => {});
     }
   }
 
@@ -1382,26 +1539,26 @@ export class Qcow2State extends BlockDriverBase {
     }
     if (!t.has(index)) this.#pendingCount++;
     t.set(index, [hi, lo]);
-    const cached = this.#cache.get(l2Offset);
-    if (cached !== undefined) {
-      const v = await cached.catch(() => undefined);
-      v?.setUint32(index * 8, hi);
-      v?.setUint32(index * 8 + 4, lo);
-    }
+    // The table stays cached (never evicted while it has pending entries), so that no load of it from
+    // the file can race with #flushPending's writes.
+    const v = await this.#l2Table(l2Offset);
+    v.setUint32(index * 8, hi);
+    v.setUint32(index * 8 + 4, lo);
   }
 
   /**
-   * Writes the pending L2 entries (under the metadata lock): a flush first when anything was written since
-   * the last one — the refcounts of their clusters (R1) and the data copied around partial writes (R3) —
-   * then the entries, one write per run of consecutive entries. Every operation that reads L2 tables from
-   * the file or changes entries write-through calls it first.
+   * Writes the pending L2 entries (under the metadata lock): once every batch still writing data has
+   * linked its entries, the refcount ranges raised in memory are written, then a flush when anything was
+   * written since the last one — those refcounts (R1) and the data of the new clusters (R3) — then the
+   * entries, one write per run of consecutive entries. Every operation that reads L2 tables from the file
+   * or changes entries write-through calls it first (and a flush, close or reopen to read-only).
    */
   async #flushPending(): Promise<void> {
-    if (this.#pendingCount === 0) return;
+    await this.#drainInflight();
+    if (this.#pendingCount === 0 && this.#pendingRefs.size === 0) return;
+    await this.#writePendingRefs();
     if (this.#unflushed) await this.#fileFlush();
     const tables = [...this.#pendingL2].sort((a, b) => a[0] - b[0]);
-    this.#pendingL2.clear();
-    this.#pendingCount = 0;
     for (const [l2Offset, m] of tables) {
       const idx = [...m.keys()].sort((a, b) => a - b);
       for (let i = 0; i < idx.length; ) {
@@ -1417,6 +1574,9 @@ export class Qcow2State extends BlockDriverBase {
         await this.#fileWrite(l2Offset + (idx[i] ?? 0) * 8, entries);
         i = j;
       }
+      // Only now may the table leave the cache (a load from the file sees the entries).
+      this.#pendingL2.delete(l2Offset);
+      this.#pendingCount -= m.size;
     }
   }
 
