@@ -217,124 +217,115 @@ async function jobEvent(qmp: QmpClient, since: number, id: string, events: strin
   return Promise.any(waits);
 }
 
+/** A fresh temp dir with the chain, and what its top reads as. */
+async function freshChain(prefix: string): Promise<{ dir: Dir; expected: Expected }> {
+  const dir = makeTempDir(prefix);
+  await makeChain(dir);
+  const expected = new Expected(dir);
+  await expected.fromChain(dir.join("top.qcow2"));
+  return { dir, expected };
+}
+
+const ENDS = ["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"];
+
+/**
+ * Runs one job in a fresh session and returns its end event's error (undefined: it completed). With
+ * `guestSeed`, a guest writes through the export for as long as the job runs (and `complete` asks for
+ * READY, then block-job-complete, then 5 more guest writes that land after the switch). With `failed`,
+ * the guest then reads the whole disk, which must still read as expected.
+ */
+async function runJob(
+  dir: Dir,
+  expected: Expected,
+  command: string,
+  args: { "job-id": string } & Record<string, unknown>,
+  opts: { guestSeed?: number; baseErrors?: Record<string, unknown>[]; complete?: boolean } = {},
+): Promise<string | undefined> {
+  const s = await startSession(dir, opts.baseErrors);
+  try {
+    const writer = opts.guestSeed === undefined ? undefined : startGuest(s.guest, expected, opts.guestSeed);
+    const id = args["job-id"];
+    const mark = s.qmp.eventMark();
+    await s.qmp.execute(command, args);
+    if (opts.complete === true) {
+      await jobEvent(s.qmp, mark, id, ["BLOCK_JOB_READY"]);
+      await s.qmp.execute("block-job-complete", { device: id });
+    }
+    const end = await jobEvent(s.qmp, mark, id, ENDS);
+    expect(end.event).toBe("BLOCK_JOB_COMPLETED");
+    if (writer !== undefined) {
+      const after = writer.writes;
+      if (opts.complete === true)
+        while (writer.writes < after + 5) await new Promise((r) => setTimeout(r, 5));
+      await writer.stop();
+      expect(writer.writes).toBeGreaterThan(0);
+    }
+    const error = (end.data as { error?: string }).error;
+    if (error !== undefined) {
+      // A failed job leaves the chain in place: the guest still reads the right data everywhere.
+      for (let off = 0; off < SIZE; off += MiB) {
+        const got = await s.guest.read(off, MiB);
+        expect(Buffer.from(got).equals(Buffer.from(expected.bytes(off, MiB))), `at ${off}`).toBe(true);
+      }
+    }
+    return error;
+  } finally {
+    await s.close();
+  }
+}
+
+/** The image's backing link, its check and its content (through its chain) against the expected one. */
+async function expectChain(dir: Dir, expected: Expected, image: string, backing: string | undefined) {
+  expect(await backingOf(dir.join(image))).toBe(backing);
+  await checkClean(dir.join(image));
+  await expected.sameAs(dir.join(image));
+}
+
 describe.skipIf(missing.length > 0)(
   "stream and commit on qcow2 chains with a live guest",
   { tags: ["qemu"] },
   () => {
     it("block-stream of the whole chain while the guest writes: top holds everything, no backing", async () => {
-      await using dir = makeTempDir("blk-chain-stream");
-      await makeChain(dir);
-      const expected = new Expected(dir);
-      await expected.fromChain(dir.join("top.qcow2"));
-      const s = await startSession(dir);
-      try {
-        const writer = startGuest(s.guest, expected, 7);
-        const mark = s.qmp.eventMark();
-        // 4 MiB/s over ~6 MiB of backing data: the guest gets time to write while the job copies.
-        await s.qmp.execute("block-stream", { "job-id": "s0", device: "top", speed: 4 * MiB });
-        const end = await jobEvent(s.qmp, mark, "s0", ["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"]);
-        await writer.stop();
-        expect(end.event).toBe("BLOCK_JOB_COMPLETED");
-        expect((end.data as { error?: string }).error).toBeUndefined();
-        expect(writer.writes).toBeGreaterThan(0);
-      } finally {
-        await s.close();
-      }
-      expect(await backingOf(dir.join("top.qcow2"))).toBeUndefined();
-      await checkClean(dir.join("top.qcow2"));
-      await expected.sameAs(dir.join("top.qcow2"));
+      const { dir, expected } = await freshChain("blk-chain-stream");
+      await using _ = dir;
+      // 4 MiB/s over ~6 MiB of backing data: the guest gets time to write while the job copies.
+      const args = { "job-id": "s0", device: "top", speed: 4 * MiB };
+      expect(await runJob(dir, expected, "block-stream", args, { guestSeed: 7 })).toBeUndefined();
+      await expectChain(dir, expected, "top.qcow2", undefined);
     });
 
     it("block-stream with base-node=base while the guest writes: mid's data pulled up, top backed by base", async () => {
-      await using dir = makeTempDir("blk-chain-stream-base");
-      await makeChain(dir);
-      const expected = new Expected(dir);
-      await expected.fromChain(dir.join("top.qcow2"));
-      const s = await startSession(dir);
-      try {
-        const writer = startGuest(s.guest, expected, 11);
-        const mark = s.qmp.eventMark();
-        await s.qmp.execute("block-stream", {
-          "job-id": "s1",
-          device: "top",
-          "base-node": "base",
-          speed: 2 * MiB,
-        });
-        const end = await jobEvent(s.qmp, mark, "s1", ["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"]);
-        await writer.stop();
-        expect(end.event).toBe("BLOCK_JOB_COMPLETED");
-        expect((end.data as { error?: string }).error).toBeUndefined();
-      } finally {
-        await s.close();
-      }
-      expect(await backingOf(dir.join("top.qcow2"))).toBe(`${dir.join("base.qcow2")} (qcow2)`);
-      await checkClean(dir.join("top.qcow2"));
+      const { dir, expected } = await freshChain("blk-chain-stream-base");
+      await using _ = dir;
+      const args = { "job-id": "s1", device: "top", "base-node": "base", speed: 2 * MiB };
+      expect(await runJob(dir, expected, "block-stream", args, { guestSeed: 11 })).toBeUndefined();
+      await expectChain(dir, expected, "top.qcow2", `${dir.join("base.qcow2")} (qcow2)`);
       await checkClean(dir.join("base.qcow2"));
-      await expected.sameAs(dir.join("top.qcow2"));
     });
 
     it("intermediate block-commit of mid into base while the guest writes to top", async () => {
-      await using dir = makeTempDir("blk-chain-commit");
-      await makeChain(dir);
-      const expected = new Expected(dir);
-      await expected.fromChain(dir.join("top.qcow2"));
-      const s = await startSession(dir);
-      try {
-        const writer = startGuest(s.guest, expected, 13);
-        const mark = s.qmp.eventMark();
-        await s.qmp.execute("block-commit", {
-          "job-id": "c0",
-          device: "top",
-          "top-node": "mid",
-          "base-node": "base",
-          speed: 4 * MiB,
-        });
-        const end = await jobEvent(s.qmp, mark, "c0", ["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"]);
-        await writer.stop();
-        expect(end.event).toBe("BLOCK_JOB_COMPLETED");
-        expect((end.data as { error?: string }).error).toBeUndefined();
-      } finally {
-        await s.close();
-      }
-      expect(await backingOf(dir.join("top.qcow2"))).toBe(`${dir.join("base.qcow2")} (qcow2)`);
-      await checkClean(dir.join("top.qcow2"));
+      const { dir, expected } = await freshChain("blk-chain-commit");
+      await using _ = dir;
+      const args = { "job-id": "c0", device: "top", "top-node": "mid", "base-node": "base", speed: 4 * MiB };
+      expect(await runJob(dir, expected, "block-commit", args, { guestSeed: 13 })).toBeUndefined();
+      await expectChain(dir, expected, "top.qcow2", `${dir.join("base.qcow2")} (qcow2)`);
       await checkClean(dir.join("base.qcow2"));
-      await expected.sameAs(dir.join("top.qcow2"));
     });
 
     it("active block-commit of the whole chain while the guest writes: READY, complete, the export now serves base", async () => {
-      await using dir = makeTempDir("blk-chain-active");
-      await makeChain(dir);
-      const expected = new Expected(dir);
-      await expected.fromChain(dir.join("top.qcow2"));
-      const s = await startSession(dir);
-      try {
-        const writer = startGuest(s.guest, expected, 17);
-        const mark = s.qmp.eventMark();
-        await s.qmp.execute("block-commit", { "job-id": "c1", device: "top", "base-node": "base" });
-        await jobEvent(s.qmp, mark, "c1", ["BLOCK_JOB_READY"]);
-        await s.qmp.execute("block-job-complete", { device: "c1" });
-        const end = await jobEvent(s.qmp, mark, "c1", ["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"]);
-        expect(end.event).toBe("BLOCK_JOB_COMPLETED");
-        // The guest keeps writing after the switch: those writes land in base.
-        const after = writer.writes;
-        while (writer.writes < after + 5) await new Promise((r) => setTimeout(r, 5));
-        await writer.stop();
-        const back = await s.guest.read(7 * MiB, 4 * KiB);
-        expect(Buffer.from(back).equals(Buffer.from(expected.bytes(7 * MiB, 4 * KiB)))).toBe(true);
-      } finally {
-        await s.close();
-      }
-      expect(await backingOf(dir.join("base.qcow2"))).toBeUndefined();
-      await checkClean(dir.join("base.qcow2"));
-      await expected.sameAs(dir.join("base.qcow2"));
+      const { dir, expected } = await freshChain("blk-chain-active");
+      await using _ = dir;
+      const args = { "job-id": "c1", device: "top", "base-node": "base" };
+      // The guest keeps writing after the switch: those writes land in base.
+      expect(
+        await runJob(dir, expected, "block-commit", args, { guestSeed: 17, complete: true }),
+      ).toBeUndefined();
+      await expectChain(dir, expected, "base.qcow2", undefined);
     });
 
     it("a stream that fails on a read error leaves a chain that reads correctly; a second run finishes", async () => {
-      await using dir = makeTempDir("blk-chain-stream-fail");
-      await makeChain(dir);
-      const expected = new Expected(dir);
-      await expected.fromChain(dir.join("top.qcow2"));
+      const { dir, expected } = await freshChain("blk-chain-stream-fail");
+      await using _ = dir;
       // Fail one read of base's data at 5.75 MiB (only base holds it there), well after the job started.
       const map = JSON.parse(await ok("qemu-img", ["map", "--output=json", dir.join("base.qcow2")])) as {
         start: number;
@@ -344,87 +335,36 @@ describe.skipIf(missing.length > 0)(
       const where = 5.75 * MiB;
       const at = map.find((e) => e.start <= where && where < e.start + e.length && e.offset !== undefined);
       if (at?.offset === undefined) throw new Error("base has no data at 5.75 MiB");
-      const hostSector = (at.offset + (where - at.start)) / 512;
-      const s = await startSession(dir, [{ event: "read_aio", errno: 5, sector: hostSector, once: true }]);
-      try {
-        // No guest writes here: one could allocate the failing range in top, and the job would skip it.
-        const mark = s.qmp.eventMark();
-        await s.qmp.execute("block-stream", { "job-id": "s2", device: "top" });
-        const end = await jobEvent(s.qmp, mark, "s2", ["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"]);
-        expect(end.event).toBe("BLOCK_JOB_COMPLETED");
-        expect((end.data as { error?: string }).error).toBe("Input/output error");
-        // The failed job left the chain in place; the guest still reads the right data everywhere.
-        for (let off = 0; off < SIZE; off += MiB) {
-          const got = await s.guest.read(off, MiB);
-          expect(Buffer.from(got).equals(Buffer.from(expected.bytes(off, MiB))), `at ${off}`).toBe(true);
-        }
-      } finally {
-        await s.close();
-      }
-      expect(await backingOf(dir.join("top.qcow2"))).toBe("mid.qcow2 (qcow2)");
-      await checkClean(dir.join("top.qcow2"));
-      await expected.sameAs(dir.join("top.qcow2"));
-
-      const again = await startSession(dir);
-      try {
-        const mark = again.qmp.eventMark();
-        await again.qmp.execute("block-stream", { "job-id": "s3", device: "top" });
-        const end = await jobEvent(again.qmp, mark, "s3", ["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"]);
-        expect((end.data as { error?: string }).error).toBeUndefined();
-      } finally {
-        await again.close();
-      }
-      expect(await backingOf(dir.join("top.qcow2"))).toBeUndefined();
-      await checkClean(dir.join("top.qcow2"));
-      await expected.sameAs(dir.join("top.qcow2"));
+      const sector = (at.offset + (where - at.start)) / 512;
+      // No guest writes here: one could allocate the failing range in top, and the job would skip it.
+      const baseErrors = [{ event: "read_aio", errno: 5, sector, once: true }];
+      expect(
+        await runJob(dir, expected, "block-stream", { "job-id": "s2", device: "top" }, { baseErrors }),
+      ).toBe("Input/output error");
+      await expectChain(dir, expected, "top.qcow2", "mid.qcow2 (qcow2)");
+      expect(await runJob(dir, expected, "block-stream", { "job-id": "s3", device: "top" })).toBeUndefined();
+      await expectChain(dir, expected, "top.qcow2", undefined);
     });
 
     it("a commit that fails on a write error into base leaves a chain that reads correctly; a second run finishes", async () => {
-      await using dir = makeTempDir("blk-chain-commit-fail");
-      await makeChain(dir);
-      const expected = new Expected(dir);
-      await expected.fromChain(dir.join("top.qcow2"));
-      // The second data write into base's file fails (the first may be metadata; any write failing is enough).
-      const s = await startSession(dir, [{ event: "write_aio", errno: 28, once: true }]);
-      try {
-        const mark = s.qmp.eventMark();
-        await s.qmp.execute("block-commit", {
-          "job-id": "c2",
-          device: "top",
-          "top-node": "mid",
-          "base-node": "base",
-        });
-        const end = await jobEvent(s.qmp, mark, "c2", ["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"]);
-        expect(end.event).toBe("BLOCK_JOB_COMPLETED");
-        expect((end.data as { error?: string }).error).toBe("No space left on device");
-        for (let off = 0; off < SIZE; off += MiB) {
-          const got = await s.guest.read(off, MiB);
-          expect(Buffer.from(got).equals(Buffer.from(expected.bytes(off, MiB))), `at ${off}`).toBe(true);
-        }
-      } finally {
-        await s.close();
-      }
-      expect(await backingOf(dir.join("top.qcow2"))).toBe("mid.qcow2 (qcow2)");
-      for (const n of ["top", "mid", "base"]) await checkClean(dir.join(`${n}.qcow2`));
-      await expected.sameAs(dir.join("top.qcow2"));
-
-      const again = await startSession(dir);
-      try {
-        const mark = again.qmp.eventMark();
-        await again.qmp.execute("block-commit", {
-          "job-id": "c3",
-          device: "top",
-          "top-node": "mid",
-          "base-node": "base",
-        });
-        const end = await jobEvent(again.qmp, mark, "c3", ["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"]);
-        expect((end.data as { error?: string }).error).toBeUndefined();
-      } finally {
-        await again.close();
-      }
-      expect(await backingOf(dir.join("top.qcow2"))).toBe(`${dir.join("base.qcow2")} (qcow2)`);
-      for (const n of ["top", "base"]) await checkClean(dir.join(`${n}.qcow2`));
-      await expected.sameAs(dir.join("top.qcow2"));
+      const { dir, expected } = await freshChain("blk-chain-commit-fail");
+      await using _ = dir;
+      const commit = (id: string) => ({
+        "job-id": id,
+        device: "top",
+        "top-node": "mid",
+        "base-node": "base",
+      });
+      // A write into base's file fails once (data or metadata: either must leave the chain intact).
+      const baseErrors = [{ event: "write_aio", errno: 28, once: true }];
+      expect(await runJob(dir, expected, "block-commit", commit("c2"), { baseErrors })).toBe(
+        "No space left on device",
+      );
+      await expectChain(dir, expected, "top.qcow2", "mid.qcow2 (qcow2)");
+      for (const n of ["mid", "base"]) await checkClean(dir.join(`${n}.qcow2`));
+      expect(await runJob(dir, expected, "block-commit", commit("c3"))).toBeUndefined();
+      await expectChain(dir, expected, "top.qcow2", `${dir.join("base.qcow2")} (qcow2)`);
+      await checkClean(dir.join("base.qcow2"));
     });
   },
 );
