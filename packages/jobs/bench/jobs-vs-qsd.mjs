@@ -97,7 +97,8 @@ const pristine = {
   top: join(dir, "p-top.qcow2"),
 };
 sh("qemu-img", ["create", "-q", "-f", "qcow2", pristine.base, `${baseMiB}M`]);
-for (let off = 0; off < baseMiB; off += 64) writeRange(pristine.base, ((off / 64) % 255) | 1, off, 64);
+for (let off = 0; off < baseMiB; off += 64)
+  writeRange(pristine.base, ((off / 64) % 255) | 1, off, Math.min(64, baseMiB - off));
 sh("qemu-img", ["create", "-q", "-f", "qcow2", "-b", pristine.base, "-F", "qcow2", pristine.mid]);
 writeRange(pristine.mid, 0xdd, baseMiB / 2, midMiB);
 sh("qemu-img", ["create", "-q", "-f", "qcow2", "-b", pristine.mid, "-F", "qcow2", pristine.top]);
