@@ -4,7 +4,7 @@
  * that gains `create` works here without changes.
  */
 import { BlkError } from "@blk/core";
-import { fileDriver, getDriver, openImage, type PreallocMode } from "@blk/drivers";
+import { fileDriver, getDriver, isNbdFilename, openImage, type PreallocMode } from "@blk/drivers";
 import { CliError, messageOf } from "./errors.ts";
 import { parseSize } from "./size.ts";
 
@@ -128,7 +128,7 @@ export async function createImage(
   options: readonly CreateOption[],
 ): Promise<void> {
   const opts = new Map(options);
-  if (/^nbds?(\+(tcp|unix))?:/i.test(filename)) {
+  if (isNbdFilename(filename)) {
     await createOverNbd(format, filename, size);
     return;
   }

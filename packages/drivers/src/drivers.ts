@@ -49,6 +49,7 @@ export {
   DriverRegistry,
   driverRegistry,
   getDriver,
+  isNbdFilename,
   type OpenedImage,
   type OpenImageOptions,
   openBlockdev,

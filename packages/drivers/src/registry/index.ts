@@ -239,12 +239,20 @@ function parseFilename(filename: string): BlockdevOptions | undefined {
 }
 
 /**
- * The protocol node of a filename that is an NBD URI as QEMU accepts one wherever a filename goes
- * (`nbd://`, `nbd+tcp://`, `nbd+unix://`, legacy `nbd:host:port[:exportname=X]`), else undefined.
+ * Whether QEMU takes `filename` as an NBD URI rather than a file name (`nbd://`, `nbd+tcp://`,
+ * `nbd+unix://`, `nbds…`, legacy `nbd:host:port[:exportname=X]`).
+ */
+export function isNbdFilename(filename: string): boolean {
+  return /^nbds?(\+(tcp|unix))?:/i.test(filename);
+}
+
+/**
+ * The protocol node of a filename that is an NBD URI as QEMU accepts one wherever a filename goes, else
+ * undefined.
  * @throws {BlkError} EINVAL for a malformed NBD URI (QEMU's messages)
  */
 function protocolFilename(filename: string): BlockdevOptions | undefined {
-  if (!/^nbds?(\+(tcp|unix))?:/i.test(filename)) return undefined;
+  if (!isNbdFilename(filename)) return undefined;
   return { driver: "nbd", ...parseNbdUri(filename) } as BlockdevOptions;
 }
 
