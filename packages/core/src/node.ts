@@ -180,6 +180,24 @@ async function split(
  * const node = await graph.open(memoryDriver, { size: 1 << 20 }, { nodeName: "disk" });
  * await node.write(0, new Uint8Array(512).fill(1));
  */
+/** Appends an extent to a status-above list, merging it into the last one when they say the same. */
+function pushStatusAbove(out: BlockStatusExtent[], ext: BlockStatusExtent): void {
+  const last = out.at(-1);
+  if (
+    last !== undefined &&
+    last.data === ext.data &&
+    last.zero === ext.zero &&
+    last.allocated === ext.allocated &&
+    last.depth === ext.depth &&
+    last.hostOffset === undefined &&
+    ext.hostOffset === undefined
+  ) {
+    last.length += ext.length;
+  } else {
+    out.push(ext);
+  }
+}
+
 export class BlockNode {
   readonly graph: BlockGraph;
   readonly driver: BlockDriver<never>;
@@ -673,61 +691,68 @@ export class BlockNode {
   ): Promise<BlockStatusExtent[]> {
     const end = Math.min(offset + bytes, this.#length);
     const out: BlockStatusExtent[] = [];
-    let pos = offset;
-    while (pos < end) {
-      const ext = await this.#statusAboveOne(pos, end - pos, opts.base ?? null, opts.includeBase ?? false);
-      const last = out.at(-1);
-      if (
-        last !== undefined &&
-        last.data === ext.data &&
-        last.zero === ext.zero &&
-        last.allocated === ext.allocated &&
-        last.depth === ext.depth &&
-        last.hostOffset === undefined &&
-        ext.hostOffset === undefined
-      ) {
-        last.length += ext.length;
-      } else {
-        out.push(ext);
-      }
-      pos += ext.length;
+    if (offset < end) {
+      await this.#statusAboveRange(
+        offset,
+        end - offset,
+        opts.base ?? null,
+        opts.includeBase ?? false,
+        0,
+        out,
+      );
     }
     return out;
   }
 
-  async #statusAboveOne(
+  /**
+   * Appends the status of `[pos, pos+n)` as seen from this layer down to `base` to `out`. Each layer is
+   * asked once for the whole range it has to answer, and only its unallocated parts go one layer down,
+   * so the work is linear in the number of extents (asking again for every extent would be quadratic
+   * over long, fragmented ranges).
+   */
+  async #statusAboveRange(
     pos: number,
-    max: number,
+    n: number,
     base: BlockNode | null,
     includeBase: boolean,
-  ): Promise<BlockStatusExtent> {
-    let layer: BlockNode = this;
-    let depth = 0;
-    let n = max;
-    for (;;) {
-      const first = (await layer.#ownStatus(pos, n))[0];
-      if (first === undefined) throw new BlkError("EIO", `No block status at ${pos}`, { offset: pos });
-      n = first.length;
-      if (first.allocated) return { ...first, depth };
-      const down = layer.#cowChild();
-      if (down === undefined)
-        return { offset: pos, length: n, data: false, zero: true, allocated: false, depth };
-      if (down === base && !includeBase) {
-        return { offset: pos, length: n, data: false, zero: false, allocated: false, depth };
+    depth: number,
+    out: BlockStatusExtent[],
+  ): Promise<void> {
+    const end = pos + n;
+    let p = pos;
+    for (const e of await this.#ownStatus(pos, n)) {
+      if (p >= end) break;
+      if (e.offset !== p) throw new BlkError("EIO", `No block status at ${p}`, { offset: p });
+      const len = Math.min(e.length, end - p);
+      if (e.allocated) {
+        pushStatusAbove(out, { ...e, length: len, depth });
+      } else {
+        const down = this.#cowChild();
+        const hole = (zero: boolean, at: number, length: number): void =>
+          pushStatusAbove(out, { offset: at, length, data: false, zero, allocated: false, depth });
+        if (down === undefined) hole(true, p, len);
+        else if (down === base && !includeBase) hole(false, p, len);
+        else if (p >= down.length)
+          hole(true, p, len); // beyond the end of a shorter backing file
+        else {
+          const inDown = Math.min(len, down.length - p);
+          if (down === base) {
+            let q = p;
+            for (const s of await down.#ownStatus(p, inDown)) {
+              const l = Math.min(s.length, p + inDown - q);
+              if (l <= 0) break;
+              pushStatusAbove(out, { ...s, offset: q, length: l, depth: depth + 1 });
+              q += l;
+            }
+          } else {
+            await down.#statusAboveRange(p, inDown, base, includeBase, depth + 1, out);
+          }
+          if (inDown < len) hole(true, p + inDown, len - inDown);
+        }
       }
-      if (pos >= down.length) {
-        // Beyond the end of a shorter backing file: reads as zeroes.
-        return { offset: pos, length: n, data: false, zero: true, allocated: false, depth };
-      }
-      n = Math.min(n, down.length - pos);
-      layer = down;
-      depth++;
-      if (layer === base) {
-        const s = (await layer.#ownStatus(pos, n))[0];
-        if (s === undefined) throw new BlkError("EIO", `No block status at ${pos}`, { offset: pos });
-        return { ...s, depth };
-      }
+      p += len;
     }
+    if (p < end) throw new BlkError("EIO", `No block status at ${p}`, { offset: p });
   }
 
   /** Status of this layer, looking through filters (which do not count as layers). */

@@ -398,6 +398,42 @@ describe("block status", () => {
     const incl = await top.blockStatusAbove(0, 65536, { base, includeBase: true });
     expect(incl[0]).toMatchObject({ depth: 2, allocated: true });
   });
+
+  it("blockStatusAbove asks each layer once for a fragmented range (linear, not quadratic)", async () => {
+    const CL = 4096;
+    const clusters = 2048;
+    const graph = new BlockGraph();
+    const base = await graph.open(memoryDriver, { size: clusters * CL, clusterSize: CL }, { nodeName: "b" });
+    const top = await graph.open(
+      memoryDriver,
+      { size: clusters * CL, clusterSize: CL },
+      { nodeName: "t", children: { backing: base } },
+    );
+    // Every other cluster allocated in the top, every fourth in the base: 1024 + 512 extents.
+    for (let c = 0; c < clusters; c += 2) await top.write(c * CL, new Uint8Array(CL).fill(1));
+    for (let c = 1; c < clusters; c += 4) await base.write(c * CL, new Uint8Array(CL).fill(2));
+    const asked = new Map<string, number>();
+    for (const n of [top, base]) {
+      const state = n.state as { blockStatus: (o: number, b: number, x: unknown) => Promise<unknown> };
+      const orig = state.blockStatus.bind(state);
+      state.blockStatus = (o, b, x) => {
+        asked.set(n.nodeName, (asked.get(n.nodeName) ?? 0) + b);
+        return orig(o, b, x);
+      };
+    }
+    const ext = await top.blockStatusAbove(0, clusters * CL);
+    expect(ext.length).toBe(clusters);
+    expect(ext.slice(0, 4).map((e) => [e.offset, e.depth, e.allocated, e.data])).toEqual([
+      [0, 0, true, true],
+      [CL, 1, true, true],
+      [2 * CL, 0, true, true],
+      [3 * CL, 1, false, false],
+    ]);
+    // The top is asked for the range once; the base only for the top's holes. Asking again from every
+    // extent to the end of the range would sum to about clusters² / 2 clusters' worth of bytes.
+    expect(asked.get("t")).toBe(clusters * CL);
+    expect(asked.get("b")).toBe((clusters / 2) * CL);
+  });
 });
 
 describe("block status over random chains (property)", () => {
