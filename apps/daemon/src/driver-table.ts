@@ -23,7 +23,7 @@ const LOADERS: readonly (readonly [string, (ctx: LoaderContext) => Promise<AnyDr
   ["file", async () => (await import("@blk/drivers/file")).fileDriver],
   ["raw", async () => (await import("@blk/drivers/raw")).rawDriver],
   ["null-co", async () => (await import("@blk/drivers/null")).nullDriver],
-  ["null-aio", async () => ({ ...(await import("@blk/drivers/null")).nullDriver, format: "null-aio" })],
+  ["null-aio", async () => (await import("@blk/drivers/null")).nullAioDriver],
   ["blkdebug", async () => (await import("@blk/drivers/blkdebug")).blkdebugDriver],
   ["throttle", async ({ groups }) => (await import("@blk/drivers/throttle")).makeThrottleDriver(groups)],
   [

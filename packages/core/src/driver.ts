@@ -88,6 +88,11 @@ export interface BlockDriverInfo {
   zeroInit?: boolean;
   /** Driver-specific fields for `format-specific`. */
   formatSpecific?: Record<string, unknown>;
+  /**
+   * The driver has no information to give at all (QEMU's `bdrv_get_info` fails with ENOTSUP, as for
+   * `nbd`): `qemu-img info` then leaves out `dirty-flag`, which it takes from that answer.
+   */
+  unsupported?: true;
 }
 
 /** Outcome of a consistency check (`qemu-img check` fields). */

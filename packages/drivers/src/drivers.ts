@@ -33,7 +33,14 @@ export {
   makeFileDriver,
   type PreallocMode,
 } from "./file/index.ts";
-export { NULL_DEFAULT_SIZE, type NullOptions, NullState, nullDriver, nullSchema } from "./null/index.ts";
+export {
+  NULL_DEFAULT_SIZE,
+  type NullOptions,
+  NullState,
+  nullAioDriver,
+  nullDriver,
+  nullSchema,
+} from "./null/index.ts";
 export {
   checkRawWindow,
   PROBED_RAW_WARNING,

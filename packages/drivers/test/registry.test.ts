@@ -47,6 +47,7 @@ describe("driver registry", () => {
       "qcow2",
       "nbd",
       "null-co",
+      "null-aio",
       "blkdebug",
       "throttle",
     ]);

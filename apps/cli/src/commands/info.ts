@@ -74,10 +74,9 @@ export async function imageInfo(
     info["full-backing-filename"] = resolveBacking(filename, x.backing);
     info["backing-filename"] = x.backing;
   }
-  // QEMU reports the dirty flag only when the driver answers bdrv_get_info: raw passes that down to its
-  // protocol, and the nbd driver has none.
-  const protocol = format === "raw" ? node.children.get("file")?.child : node;
-  if (protocol?.driver.format !== "nbd") info["dirty-flag"] = x.dirty;
+  // QEMU reports the dirty flag only when the driver answers bdrv_get_info (nbd does not; raw asks its
+  // protocol).
+  if (bdi.unsupported !== true) info["dirty-flag"] = x.dirty;
   return info;
 }
 

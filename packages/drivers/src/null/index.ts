@@ -69,7 +69,13 @@ export class NullState extends BlockDriverBase {
   }
 
   protected override async _info(): Promise<BlockDriverInfo> {
-    return {};
+    // QEMU's null-co and null-aio have no get_info.
+    return { unsupported: true };
+  }
+
+  /** Bytes allocated on the host (`actual-size`): none, as QEMU's null drivers report. */
+  async allocatedSize(): Promise<number> {
+    return 0;
   }
 }
 
@@ -98,3 +104,6 @@ export const nullDriver: BlockDriver<NullOptions> = {
     return new NullState(nullSchema.parse(options));
   },
 };
+
+/** The `null-aio` protocol driver: QEMU's second null driver, with the same options and behaviour. */
+export const nullAioDriver: BlockDriver<NullOptions> = { ...nullDriver, format: "null-aio" };

@@ -156,7 +156,9 @@ export class RawState extends BlockDriverBase {
 
   protected override async _info(): Promise<BlockDriverInfo> {
     // QEMU: a raw image starts out zero exactly when its file does.
-    const zeroInit = (await this.#file.child.info()).zeroInit;
+    // It asks its protocol for everything else too, so a protocol without information leaves raw without.
+    const { zeroInit, unsupported } = await this.#file.child.info();
+    if (unsupported === true) return { unsupported };
     return zeroInit === undefined ? {} : { zeroInit };
   }
 }

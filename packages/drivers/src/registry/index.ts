@@ -20,7 +20,7 @@ import {
 import { blkdebugDriver } from "../blkdebug/index.ts";
 import { fileDriver } from "../file/index.ts";
 import { nbdDriver, parseNbdUri } from "../nbd/client/index.ts";
-import { nullDriver } from "../null/index.ts";
+import { nullAioDriver, nullDriver } from "../null/index.ts";
 import { openQcow2, qcow2Driver } from "../qcow2/index.ts";
 import { probedRawWarning, type RawState, rawChildRole, rawDriver } from "../raw/index.ts";
 import { throttleDriver } from "../throttle/index.ts";
@@ -96,13 +96,14 @@ export class DriverRegistry {
   }
 }
 
-/** The default registry: `file`, `raw`, `qcow2` (read-only), `nbd`, `null-co`, `blkdebug`, `throttle`. */
+/** The default registry: `file`, `raw`, `qcow2`, `nbd`, `null-co`, `null-aio`, `blkdebug`, `throttle`. */
 export const driverRegistry: DriverRegistry = new DriverRegistry([
   fileDriver,
   rawDriver,
   qcow2Driver,
   nbdDriver,
   nullDriver,
+  nullAioDriver,
   blkdebugDriver,
   throttleDriver,
 ]);

@@ -332,7 +332,8 @@ export class NbdState extends BlockDriverBase {
   }
 
   protected override async _info(): Promise<BlockDriverInfo> {
-    return {};
+    // QEMU's nbd driver has no get_info.
+    return { unsupported: true };
   }
 
   protected override async _close(): Promise<void> {
