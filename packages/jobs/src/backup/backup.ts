@@ -14,12 +14,9 @@ import {
   CHILD_ROLE,
   type CopyError,
   type DirtyBitmap,
-  type Edge,
-  jobParent,
-  PERM_ALL,
   toBlkError,
 } from "@blk/core";
-import { BlockJob } from "../block-job.ts";
+import { BlockJob, checkNodeNotBusy } from "../block-job.ts";
 import { errnoError } from "../errors.ts";
 import type { JobTxn } from "../job.ts";
 import type { JobManager } from "../manager.ts";
@@ -142,7 +139,6 @@ export class BackupJob extends BlockJob {
   readonly onSourceError: BlockdevOnError;
   readonly onTargetError: BlockdevOnError;
   #cbw: CopyBeforeWriteState;
-  #edges: Edge[] = [];
   #cleaned = false;
 
   /**
@@ -198,12 +194,13 @@ export class BackupJob extends BlockJob {
     return this.#cbw.copyBitmap;
   }
 
-  /** @internal Attaches the job's edges (`main node` on the filter, `target`), as QEMU's block job does. */
+  /**
+   * @internal Holds the job's nodes (`main node`: the filter, and `target`), as QEMU's block job does: both
+   * are busy for other jobs ({@link checkNodeNotBusy}) until the job's clean-up releases them.
+   */
   _attachEdges(): void {
-    const parent = jobParent("backup", this.id ?? "");
-    const g = this.filter.graph;
-    this.#edges.push(g.attach(parent, this.filter, { name: "main node", perm: 0, shared: PERM_ALL }));
-    this.#edges.push(g.attach(parent, this.target, { name: "target", perm: 0, shared: PERM_ALL }));
+    this.holdNode(this.filter, "main node");
+    this.holdNode(this.target, "target");
   }
 
   #remaining(): number {
@@ -376,12 +373,11 @@ export class BackupJob extends BlockJob {
     if (!ok && mode === "always") result.mergeUnchecked(this.#cbw.copyBitmap);
   }
 
-  /** @internal Detaches the job's edges and removes the filter (idempotent). */
+  /** @internal Releases the job's nodes and removes the filter (idempotent). */
   async _teardown(): Promise<void> {
     if (this.#cleaned) return;
     this.#cleaned = true;
-    for (const e of this.#edges) e.detach();
-    this.#edges = [];
+    this.releaseNodes();
     if (!this.filter.closed) await this.filter.graph.removeFilter(this.filter);
   }
 }
@@ -443,7 +439,8 @@ function checkSyncArgs(args: BlockdevBackup, source: BlockNode): Plan {
  *   EINVAL for bad sync / bitmap / x-perf combinations, `Source and target cannot be the same`,
  *   `Source and target image have different sizes`, `Required max-chunk (A) is less than backup cluster
  *   size (B)`; ENOTSUP `Compression is not supported for this drive ` (blk targets cannot compress yet);
- *   EBUSY / EPERM from the bitmap checks; {@link JobError} for a bad job id or speed
+ *   EBUSY / EPERM from the bitmap checks; {@link JobError} EBUSY `Node 'X' is busy: block device is in use
+ *   by block job: TYPE` when another job holds the source or the target, or for a bad job id or speed
  */
 export async function createBackupJob(manager: JobManager, options: BackupOptions): Promise<BackupJob> {
   const { graph } = options;
@@ -458,6 +455,9 @@ export async function createBackupJob(manager: JobManager, options: BackupOption
     // QEMU names the target's BlockBackend here; nodes added with blockdev-add have none.
     throw new BlkError("ENOTSUP", "Compression is not supported for this drive ");
   }
+  // QEMU's op blockers: another block job holding the source or the target refuses the backup.
+  checkNodeNotBusy(source);
+  checkNodeNotBusy(target);
   const maxWorkers = perf["max-workers"] ?? 64;
   if (!Number.isSafeInteger(maxWorkers) || maxWorkers < 1 || maxWorkers > INT_MAX) {
     throw new BlkError("EINVAL", `max-workers must be between 1 and ${INT_MAX}`);
