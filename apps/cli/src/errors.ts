@@ -46,3 +46,21 @@ export function invalidSize(what = "image size"): CliError {
       "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.",
   );
 }
+
+/** The lines QEMU prints after `Parameter 'X' expects a non-negative number below 2^64` (no prefix). */
+export const SIZE_SUFFIX_HINT: readonly string[] = [
+  "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-",
+  "and exabytes, respectively.",
+];
+
+/** qemu-img's message for a size-typed option value it cannot parse (`Parameter 'size' expects …`). */
+export function invalidSizeParameter(key: string, prefix = ""): CliError {
+  return new CliError(`${prefix}Parameter '${key}' expects a non-negative number below 2^64`, {
+    bare: SIZE_SUFFIX_HINT,
+  });
+}
+
+/** qemu-img's message for a size option out of range (`cvtnum`): `Invalid WHAT specified. Must be between …`. */
+export function sizeOutOfRange(what: string): CliError {
+  return new CliError(`Invalid ${what} specified. Must be between 0 and 9223372036854775807.`);
+}

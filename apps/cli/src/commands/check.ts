@@ -168,8 +168,17 @@ export async function check(args: readonly string[], ctx: Context): Promise<numb
   const ofmt = outputFormat(output);
   if (imageOpts && format !== undefined)
     throw new CliError("--image-opts and --format are mutually exclusive");
+  // Opened read-write (a repair), a probed raw image gets QEMU's warning, as in qemu-img.
   const open = (readOnly: boolean): Promise<OpenedImage> =>
-    openImg({ filename, format, imageOpts, readOnly, forceShare: forceShare && readOnly, readsData: false });
+    openImg({
+      filename,
+      format,
+      imageOpts,
+      readOnly,
+      forceShare: forceShare && readOnly,
+      readsData: false,
+      ...(readOnly ? {} : { onWarning: (m: string) => ctx.err(`${m}\n`) }),
+    });
   // A repair opens read-only first to learn the format: a qcow2 image must not be opened read-write the
   // usual way, which would repair a dirty image on open (and refuse a corrupt one).
   let img = await open(repair === undefined || !imageOpts);

@@ -72,12 +72,17 @@ async function firstNonZero(s: Status, offset: number, bytes: number): Promise<n
 
 /** Runs `compare`. */
 export async function compare(args: readonly string[], ctx: Context): Promise<number> {
-  const { options, operands } = getopt(args, "hf:F:T:pqsU", [
-    { name: "help", hasArg: false, key: "h" },
-    { name: "object", hasArg: true },
-    { name: "image-opts", hasArg: false },
-    { name: "force-share", hasArg: false, key: "U" },
-  ]);
+  const { options, operands } = getopt(
+    args,
+    "hf:F:T:pqsU",
+    [
+      { name: "help", hasArg: false, key: "h" },
+      { name: "object", hasArg: true },
+      { name: "image-opts", hasArg: false },
+      { name: "force-share", hasArg: false, key: "U" },
+    ],
+    { objectExitCode: 2 },
+  );
   let fmt1: string | undefined;
   let fmt2: string | undefined;
   let progress = false;

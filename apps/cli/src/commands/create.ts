@@ -3,8 +3,8 @@
 import { type OpenedImage, openImage } from "@blk/drivers";
 import type { Context } from "../context.ts";
 import { type CreateOption, checkCreate, createImage, formattingLine } from "../create-image.ts";
-import { CliError, invalidSize, messageOf, usage } from "../errors.ts";
-import { getopt } from "../getopt.ts";
+import { CliError, invalidSize, messageOf, SIZE_SUFFIX_HINT, usage } from "../errors.ts";
+import { checkOptionList, getopt } from "../getopt.ts";
 import { splitOptions } from "../image.ts";
 import { MAX_SIZE, parseSize } from "../size.ts";
 import { commandHelp } from "../usage.ts";
@@ -69,8 +69,10 @@ export async function create(args: readonly string[], ctx: Context): Promise<num
       return 0;
     }
     if (o.key === "f") format = o.value;
-    else if (o.key === "o") oArgs.push(o.value);
-    else if (o.key === "q") quiet = true;
+    else if (o.key === "o") {
+      checkOptionList(o.value);
+      oArgs.push(o.value);
+    } else if (o.key === "q") quiet = true;
     else if (o.key === "b") backing = o.value;
     else if (o.key === "F") backingFormat = o.value;
     else if (o.key === "u") unsafe = true;
@@ -85,7 +87,17 @@ export async function create(args: readonly string[], ctx: Context): Promise<num
     ctx.out(optionHelp(format));
     return 0;
   }
-  const inFile = (e: unknown): CliError => new CliError(`${filename}: ${messageOf(e)}`);
+  const inFile = (e: unknown): CliError => {
+    const message = messageOf(e);
+    // qemu-img follows a size option it cannot parse with the suffix hint (unprefixed lines).
+    const bare =
+      e instanceof CliError && e.bare.length > 0
+        ? e.bare
+        : / expects a non-negative number below 2\^64$/.test(message)
+          ? SIZE_SUFFIX_HINT
+          : [];
+    return new CliError(`${filename}: ${message}`, { bare });
+  };
   let opts: CreateOption[];
   try {
     opts = checkCreate(format, given);

@@ -1,7 +1,7 @@
 /** `blk-img map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] [-U] filename` */
 import type { BlockNode, BlockStatusExtent } from "@blk/core";
 import type { Context } from "../context.ts";
-import { CliError, invalidSize, usage } from "../errors.ts";
+import { CliError, invalidSize, sizeOutOfRange, usage } from "../errors.ts";
 import { getopt } from "../getopt.ts";
 import { layerFilename, openImg, outputFormat } from "../image.ts";
 import { MAX_SIZE, parseSize } from "../size.ts";
@@ -83,8 +83,11 @@ export async function mapEntries(
 }
 
 function offsetOption(text: string, what: string): number {
+  if (text.trimStart().startsWith("-")) throw invalidSize(what);
   const s = parseSize(text);
-  if (!s.ok || s.value > MAX_SIZE || text.trimStart().startsWith("-")) throw invalidSize(what);
+  if (!s.ok && s.error === "invalid") throw invalidSize(what);
+  // As qemu-img's cvtnum: a number it can read but not fit is out of range, not invalid.
+  if (!s.ok || s.value > MAX_SIZE) throw sizeOutOfRange(what);
   return Number(s.value);
 }
 

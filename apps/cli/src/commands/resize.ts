@@ -1,6 +1,6 @@
 /** `blk-img resize [-f fmt] [--preallocation=mode] [--shrink] [-q] filename [+|-]size` */
 import type { Context } from "../context.ts";
-import { CliError, messageOf, usage } from "../errors.ts";
+import { CliError, invalidSizeParameter, messageOf, usage } from "../errors.ts";
 import { getopt } from "../getopt.ts";
 import { openImg } from "../image.ts";
 import { parseSize } from "../size.ts";
@@ -13,14 +13,7 @@ type Prealloc = (typeof PREALLOC)[number];
 export function parseResize(text: string): { sign: -1 | 0 | 1; value: number } {
   const sign = text.startsWith("+") ? 1 : text.startsWith("-") ? -1 : 0;
   const s = parseSize(sign === 0 ? text : text.slice(1));
-  if (!s.ok) {
-    throw new CliError("Parameter 'size' expects a non-negative number below 2^64", {
-      bare: [
-        "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-",
-        "and exabytes, respectively.",
-      ],
-    });
-  }
+  if (!s.ok) throw invalidSizeParameter("size");
   return { sign, value: Number(s.value) };
 }
 
