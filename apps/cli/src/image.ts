@@ -125,7 +125,13 @@ export async function openImg(a: OpenArgs): Promise<OpenedImage> {
     });
   } catch (e) {
     if (e instanceof CliError) throw e;
-    throw new CliError(`Could not open '${a.filename}': ${messageOf(e)}`, { exitCode: a.exitCode ?? 1 });
+    // An image-lock refusal carries QEMU's unprefixed second line (`Is another process using the image
+    // [F]?`); read it off the error rather than import the file driver's class into every command.
+    const hint = (e as { hint?: unknown } | null)?.hint;
+    throw new CliError(`Could not open '${a.filename}': ${messageOf(e)}`, {
+      exitCode: a.exitCode ?? 1,
+      ...(typeof hint === "string" ? { bare: [hint] } : {}),
+    });
   }
   if (!a.readOnly && img.node.readOnly) {
     await img.close();

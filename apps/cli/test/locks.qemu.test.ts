@@ -16,12 +16,7 @@ const lockMessage = (prog: string, f: string, shared: boolean): string =>
   `${prog}: Could not open '${f}': Failed to get ${shared ? "shared " : ""}"write" lock\n` +
   `Is another process using the image [${f}]?\n`;
 
-/**
- * blk-img prints QEMU's first line but not yet its unprefixed hint line (`Is another process using the
- * image [F]?`): apps/cli/src/image.ts drops the ImageLockError's `hint` when it wraps the error.
- */
-const blkLockMessage = (f: string, shared: boolean): string =>
-  `${lockMessage("blk-img", f, shared).split("\n")[0]}\n`;
+const blkLockMessage = (f: string, shared: boolean): string => lockMessage("blk-img", f, shared);
 
 /** A qcow2 image (a qcow2 node does not share write on its file: a writer holds the image alone). */
 async function qcow2(name: string): Promise<string> {

@@ -21,7 +21,7 @@ import {
 } from "../amend-qcow2.ts";
 import { type Context, PROG } from "../context.ts";
 import { CliError, messageOf, usage } from "../errors.ts";
-import { getopt } from "../getopt.ts";
+import { checkOptionList, getopt } from "../getopt.ts";
 import { checkCacheMode, layerFilename, openImg } from "../image.ts";
 import { makeProgress } from "../progress.ts";
 import { parseSize } from "../size.ts";
@@ -165,6 +165,7 @@ export async function amend(args: readonly string[], ctx: Context): Promise<numb
         ctx.out(commandHelp("amend"));
         return 0;
       case "o":
+        checkOptionList(o.value);
         oArgs.push(o.value);
         break;
       case "f":

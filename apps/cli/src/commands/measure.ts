@@ -10,7 +10,7 @@ import { openQcow2 } from "@blk/drivers/qcow2";
 import { type Context, PROG } from "../context.ts";
 import type { CreateOption } from "../create-image.ts";
 import { CliError, invalidSize, messageOf } from "../errors.ts";
-import { getopt } from "../getopt.ts";
+import { checkOptionList, getopt } from "../getopt.ts";
 import { openImg, outputFormat, splitOptions } from "../image.ts";
 import { parseSize } from "../size.ts";
 import { ExtentCursor } from "../status.ts";
@@ -372,6 +372,7 @@ export async function measure(args: readonly string[], ctx: Context): Promise<nu
         outFormat = o.value;
         break;
       case "o":
+        checkOptionList(o.value);
         oArgs.push(o.value);
         break;
       case "l":
