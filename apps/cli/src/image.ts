@@ -4,8 +4,8 @@
  * every command needs.
  */
 import type { BlockNode } from "@blk/core";
-import { type BlockdevOptions, type OpenedImage, openImage } from "@blk/drivers";
-import { CliError, messageOf } from "./errors.ts";
+import { type BlockdevOptions, getDriver, type OpenedImage, openImage } from "@blk/drivers";
+import { CliError, messageOf, SIZE_SUFFIX_HINT } from "./errors.ts";
 
 /** How to open one image. */
 export interface OpenArgs {
@@ -125,6 +125,13 @@ export async function openImg(a: OpenArgs): Promise<OpenedImage> {
     });
   } catch (e) {
     if (e instanceof CliError) throw e;
+    const legacy = legacyOptionError(messageOf(e), a.imageOpts === true ? a.filename : undefined, a.filename);
+    if (legacy !== undefined) {
+      throw new CliError(`Could not open '${a.filename}': ${legacy.message}`, {
+        exitCode: a.exitCode ?? 1,
+        bare: legacy.bare,
+      });
+    }
     // An image-lock refusal carries QEMU's unprefixed second line (`Is another process using the image
     // [F]?`); read it off the error rather than import the file driver's class into every command.
     const hint = (e as { hint?: unknown } | null)?.hint;
@@ -151,6 +158,81 @@ export async function openImg(a: OpenArgs): Promise<OpenedImage> {
     );
   }
   return img;
+}
+
+/** Options QEMU declares as sizes (`QEMU_OPT_SIZE`) in the drivers blk-img opens. */
+const SIZE_OPTIONS = new Set([
+  "offset",
+  "size",
+  "cache-size",
+  "l2-cache-size",
+  "l2-cache-entry-size",
+  "refcount-cache-size",
+]);
+
+/**
+ * qemu-img opens `--image-opts` and `json:` filenames through QEMU's legacy open path, whose option
+ * errors are worded differently from QAPI validation's (which `openImage` and `blockdev-add` give):
+ * `Block format 'D' does not support the option 'K'`, `Block protocol 'D' doesn't support the option
+ * 'K'`, `Parameter 'K' expects …` with the plain key, and the file driver's `requires a file name`.
+ * Returns that wording for a QAPI message about such options, or undefined.
+ */
+function legacyOptionError(
+  message: string,
+  imageOpts: string | undefined,
+  filename: string,
+): { message: string; bare: readonly string[] } | undefined {
+  let root: unknown;
+  try {
+    if (imageOpts !== undefined) root = parseImageOpts(imageOpts);
+    else if (filename.startsWith("json:")) root = JSON.parse(filename.slice(5));
+    else return undefined;
+  } catch {
+    return undefined;
+  }
+  const m =
+    /^Parameter '([^']+)' is (unexpected|missing)$/.exec(message) ??
+    /^Invalid parameter type for '([^']+)', expected: (\w+)$/.exec(message) ??
+    /^Parameter '([^']+)' expects (u?int\d+|number|size|a non-negative number below 2\^64)$/.exec(message);
+  if (m === null) return undefined;
+  const path = (m[1] ?? "").split(".");
+  const key = path.pop() ?? "";
+  // The node the key belongs to: children are nested objects; a child without `driver` is a file.
+  let node: Record<string, unknown> | undefined =
+    typeof root === "object" && root !== null ? (root as Record<string, unknown>) : undefined;
+  for (const seg of path) {
+    const child: unknown = node?.[seg];
+    node = typeof child === "object" && child !== null ? (child as Record<string, unknown>) : undefined;
+  }
+  if (node === undefined) return undefined;
+  const driver = typeof node.driver === "string" ? node.driver : path.length > 0 ? "file" : undefined;
+  if (driver === undefined) return undefined;
+  const none: readonly string[] = [];
+  const what = m[2] ?? "";
+  switch (what) {
+    case "unexpected": {
+      // QEMU's blkdebug and blkverify are protocols too (they have a protocol name).
+      const protocol =
+        getDriver(driver)?.kind === "protocol" || driver === "blkdebug" || driver === "blkverify";
+      return {
+        message: protocol
+          ? `Block protocol '${driver}' doesn't support the option '${key}'`
+          : `Block format '${driver}' does not support the option '${key}'`,
+        bare: none,
+      };
+    }
+    case "missing":
+      return driver === "file" && key === "filename"
+        ? { message: "The 'file' block driver requires a file name", bare: none }
+        : undefined;
+    case "boolean":
+      return { message: `Parameter '${key}' expects 'on' or 'off'`, bare: none };
+    default:
+      if (what === "string" || what === "object" || what === "array") return undefined;
+      return SIZE_OPTIONS.has(key)
+        ? { message: `Parameter '${key}' expects a non-negative number below 2^64`, bare: SIZE_SUFFIX_HINT }
+        : { message: `Parameter '${key}' expects a number`, bare: none };
+  }
 }
 
 /** The host filename of a layer: its protocol (`file`) node's filename, or the node's own. */
