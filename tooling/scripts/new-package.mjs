@@ -57,7 +57,8 @@ const manifest = {
   scripts: {
     build: "tsc -b",
     test: "vitest run",
-    bench: "vitest bench --run",
+    // passes until the first bench/*.bench.ts exists (vitest bench fails when it finds no file)
+    bench: "vitest bench --run --passWithNoTests",
     ...(values.private ? {} : { "check:pkg": "publint --strict && attw --pack . --profile esm-only" }),
   },
   dependencies: Object.fromEntries(deps.map((d) => [`@blk/${d}`, "workspace:^"])),
@@ -78,9 +79,39 @@ write(
   `import { blkProject } from "${rel(join(root, "tooling/vitest/project.ts"))}";\n\nexport default blkProject("${fullName}");\n`,
 );
 write("src/index.ts", `/** ${values.description || fullName} */\nexport {};\n`);
+// The README example is test/readme.test.ts verbatim (style.md "Docs"); test/readme-sync.test.ts keeps the
+// two identical. The starting example fails as soon as the package exports something, so that it gets
+// replaced by a real one.
+const example = `import { expect, it } from "vitest";
+import * as pkg from "../src/index.ts";
+
+it("README example", () => {
+  // Replace with a short, real use of the API; README.md's Example block must stay identical to this file.
+  expect(Object.keys(pkg)).toEqual([]);
+});
+`;
+write("test/readme.test.ts", example);
+write(
+  "test/readme-sync.test.ts",
+  `import { readFileSync } from "node:fs";
+import { expect, it } from "vitest";
+
+// The README's example is test/readme.test.ts verbatim, so the example that runs is the one users read.
+it("the README's Example block is test/readme.test.ts", () => {
+  const readme = readFileSync(new URL("../README.md", import.meta.url), "utf8");
+  const example = readme.slice(readme.indexOf("## Example"));
+  const block = /\`\`\`ts\\n([\\s\\S]*?)\`\`\`/.exec(example)?.[1];
+  expect(block).toBe(readFileSync(new URL("./readme.test.ts", import.meta.url), "utf8"));
+});
+`,
+);
+write(
+  "bench/README.md",
+  `# ${fullName} benchmarks\n\n\`bench/*.bench.ts\`, run with \`pnpm -F ${fullName} bench\`. Each file first checks that the code\nmeasured agrees with a reference implementation, then prints same-run ratios against it.\n\n## What is measured\n\n## What is not\n`,
+);
 write(
   "README.md",
-  `# ${fullName}\n\n${values.description || "One-line purpose."}\n\n\`\`\`sh\nnpm install ${fullName}\n\`\`\`\n\n## Example\n\n(The example below is also \`test/readme.test.ts\`.)\n\n## Exports\n\n## Errors\n\n## Limits\n`,
+  `# ${fullName}\n\n${values.description || "One-line purpose."}\n\n\`\`\`sh\nnpm install ${fullName}\n\`\`\`\n\n## Example\n\n(The example below is also \`test/readme.test.ts\`.)\n\n\`\`\`ts\n${example}\`\`\`\n\n## Exports\n\n## Errors\n\n## Limits\n`,
 );
 
 // Wire the package into the solution tsconfig and the test tsconfig.

@@ -3,8 +3,9 @@ import { describe, expect, it } from "vitest";
 import { HBitmap, type HBitmapIter, isHBitmapError } from "../src/index.ts";
 import { Model } from "./model.ts";
 
+/** Scales both properties: by default 2400 small-bitmap sequences plus 50 multi-page ones (2450 in all). */
 const RUNS = Number(process.env.BLK_FUZZ_RUNS ?? 300);
-const TIMEOUT = Math.max(20_000, RUNS * 50);
+const TIMEOUT = Math.max(60_000, RUNS * 200);
 
 type Op = { kind: number; x: number; y: number; z: number; w: number };
 const opArb: fc.Arbitrary<Op> = fc.record({
@@ -268,7 +269,7 @@ describe("HBitmap against a naive model", () => {
           fc.integer({ min: -1, max: 4 }),
           (size, g, ops, metaShift) => runOps(size, g, ops, metaShift),
         ),
-        { numRuns: RUNS * 4 },
+        { numRuns: RUNS * 8 },
       );
     },
     TIMEOUT,

@@ -1,13 +1,14 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { accessSync, constants, statSync } from "node:fs";
 import { delimiter, join } from "node:path";
+import { atProcessEnd } from "./exit.ts";
 
 const children = new Set<ChildProcess>();
 let hooked = false;
 function hookExit(): void {
   if (hooked) return;
   hooked = true;
-  process.once("exit", () => {
+  atProcessEnd(() => {
     for (const c of children) c.kill("SIGKILL");
   });
 }
@@ -126,7 +127,7 @@ export interface SpawnPeerOptions extends RunOptions {
 
 /**
  * Starts a peer process and waits until it is ready. The process is killed on `stop()`, on `await using`
- * disposal, when `timeoutMs` passes, and at process exit at the latest.
+ * disposal, when `timeoutMs` passes, and when the test process exits or gets SIGTERM at the latest.
  * @throws {PeerTimeoutError} when it is not ready in time; Error when it exits before it is ready
  */
 export async function spawnPeer(
@@ -193,7 +194,14 @@ export async function spawnPeer(
     for (;;) {
       if (exitCode !== undefined)
         throw new Error(`${cmd} exited (${exitCode}) before it was ready:\n${text}`);
-      if (await options.ready(text)) break;
+      let isReady: boolean;
+      try {
+        isReady = await options.ready(text);
+      } catch (e) {
+        await stop(0); // the caller never gets the peer, so nobody else would stop it
+        throw e;
+      }
+      if (isReady) break;
       if (Date.now() > deadline) {
         await stop(0);
         throw new PeerTimeoutError(`${cmd} not ready after ${options.readyTimeoutMs ?? 15_000} ms:\n${text}`);

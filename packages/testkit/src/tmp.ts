@@ -2,6 +2,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { atProcessEnd } from "./exit.ts";
 
 const live = new Set<string>();
 let hooked = false;
@@ -9,12 +10,12 @@ let hooked = false;
 function hookExit(): void {
   if (hooked) return;
   hooked = true;
-  process.once("exit", () => {
+  atProcessEnd(() => {
     for (const dir of live) rmSync(dir, { recursive: true, force: true });
   });
 }
 
-/** A temporary directory that is removed by `dispose()`, by `await using`, or at process exit at the latest. */
+/** A temporary directory that is removed by `dispose()`, by `await using`, or when the process exits or gets SIGTERM at the latest. */
 export interface TempDir extends AsyncDisposable {
   readonly path: string;
   /** `join(path, ...parts)` */

@@ -1,4 +1,7 @@
-import { existsSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { createRequire } from "node:module";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { describe, expect, it } from "vitest";
 import {
   firstDifference,
@@ -11,6 +14,16 @@ import {
   spawnPeer,
   withTempDir,
 } from "../src/index.ts";
+
+/** Whether a process with this pid exists (a zombie counts). */
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 describe("temp dirs", () => {
   it("are removed on dispose, even with contents", async () => {
@@ -88,6 +101,48 @@ describe("processes", () => {
     await expect(
       spawnPeer(process.execPath, ["-e", "process.exit(4)"], { ready: () => false }),
     ).rejects.toThrow(/exited \(4\)/);
+  });
+  it("stop() escalates to SIGKILL for a peer that ignores SIGTERM", async () => {
+    const peer = await spawnPeer(
+      process.execPath,
+      ["-e", "process.on('SIGTERM', () => {}); console.log('ready'); setInterval(() => {}, 1000)"],
+      { ready: (out) => out.includes("ready") },
+    );
+    await peer.stop(200);
+    expect(peer.child.signalCode).toBe("SIGKILL");
+  });
+  it("spawnPeer kills the peer when its readiness check throws", async () => {
+    let pid = Number.NaN;
+    await expect(
+      spawnPeer(process.execPath, ["-e", "console.log('pid ' + process.pid); setInterval(() => {}, 1000)"], {
+        ready: (out) => {
+          pid = Number(/pid (\d+)/.exec(out)?.[1] ?? Number.NaN);
+          if (Number.isNaN(pid)) return false;
+          throw new Error("bad readiness output");
+        },
+      }),
+    ).rejects.toThrow("bad readiness output");
+    expect(pid).toBeGreaterThan(0);
+    expect(alive(pid)).toBe(false); // stopped and reaped before spawnPeer rejected
+  });
+  it("cleans up after a test that forgot to, although vitest ends its worker with SIGTERM", {
+    timeout: 90_000,
+  }, async () => {
+    await using dir = makeTempDir("testkit-outer");
+    const out = dir.join("out.json");
+    const vitest = join(dirname(createRequire(import.meta.url).resolve("vitest/package.json")), "vitest.mjs");
+    const config = fileURLToPath(new URL("./fixtures/sigterm/vitest.config.ts", import.meta.url));
+    const r = await run(process.execPath, [vitest, "run", "--config", config], {
+      env: { ...process.env, BLK_SIGTERM_OUT: out },
+      timeoutMs: 60_000,
+    });
+    expect(r.code, r.stdout + r.stderr).toBe(0);
+    const left = JSON.parse(readFileSync(out, "utf8")) as { pid: number; dir: string };
+    expect(left.pid).toBeGreaterThan(0);
+    // the killed peer may need a moment to be reaped by init
+    for (let i = 0; i < 500 && alive(left.pid); i++) await new Promise((r) => setTimeout(r, 20));
+    expect(alive(left.pid)).toBe(false);
+    expect(existsSync(left.dir)).toBe(false);
   });
   it("missingPeers names what is not installed", () => {
     expect(missingPeers(["node-does-not-exist-blk", "sh"])).toEqual(["node-does-not-exist-blk"]);
