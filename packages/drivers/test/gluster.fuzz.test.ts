@@ -15,8 +15,11 @@ import { URI_EXTRA_VECTORS, URI_VECTORS } from "./gluster-vectors.ts";
 
 /** Iterations per property: modest by default, `BLK_FUZZ_RUNS=100000` for a long run. */
 const RUNS = Number(process.env.BLK_FUZZ_RUNS ?? 200);
-/** A generous bound for one call on a busy 2-core machine; inputs here are short. */
-const MAX_MS = 250;
+/**
+ * "Never hangs": a bound for one call on short inputs. A correct call takes well under a millisecond; the
+ * bound only has to catch runaway (exponential) behaviour, so it is loose enough for a loaded 2-core machine.
+ */
+const MAX_MS = 2000;
 
 /** Runs `f`, requires it to finish in time and to throw nothing but a BlkError. Returns the value or undefined. */
 function guarded<T>(f: () => T): T | undefined {
@@ -148,23 +151,26 @@ describe("gluster parser fuzz", () => {
   });
 
   it("stays linear on long inputs", () => {
+    // 400 000 characters: linear parsing takes a few ms each; anything quadratic would take minutes, far
+    // beyond the loose 5 s bound (which leaves room for a loaded CI machine).
+    const N = 400_000;
     const long = [
-      `gluster://h/v/${"a/".repeat(50_000)}`,
-      `gluster://h/v/a?${"a;".repeat(50_000)}`,
-      `gluster://h/v/a?${"&".repeat(100_000)}x`,
-      `gluster://h/v/a?${"a&".repeat(50_000)}`,
-      `gluster://${"%41".repeat(30_000)}/v/a`,
-      `gluster://${"a:".repeat(50_000)}@h/v/a`,
-      `gluster://[${":".repeat(100_000)}/v/a`,
-      `gluster${"+".repeat(100_000)}://h/v/a`,
-      `${"a".repeat(100_000)}`,
-      `gluster://h/v/a#${"[".repeat(100_000)}`,
+      `gluster://h/v/${"a/".repeat(N / 2)}`,
+      `gluster://h/v/a?${"a;".repeat(N / 2)}`,
+      `gluster://h/v/a?${"&".repeat(N)}x`,
+      `gluster://h/v/a?${"a&".repeat(N / 2)}`,
+      `gluster://${"%41".repeat(N / 4)}/v/a`,
+      `gluster://${"a:".repeat(N / 2)}@h/v/a`,
+      `gluster://[${":".repeat(N)}/v/a`,
+      `gluster${"+".repeat(N)}://h/v/a`,
+      `${"a".repeat(N)}`,
+      `gluster://h/v/a#${"[".repeat(N)}`,
     ];
     for (const s of long) {
       const t0 = performance.now();
       guarded(() => parseGlusterUri(s));
       guarded(() => parseGlusterOptions({ filename: s }));
-      expect(performance.now() - t0).toBeLessThan(1000);
+      expect(performance.now() - t0).toBeLessThan(5000);
     }
   });
 });

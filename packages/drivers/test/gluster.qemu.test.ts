@@ -78,9 +78,8 @@ async function whySkip(): Promise<string | undefined> {
 const skipReason = await whySkip();
 if (skipReason !== undefined) console.warn(`gluster.qemu.test.ts skipped: ${skipReason}`);
 
-// Not tagged `qemu`: the package's own vitest config defines no tags, so a tagged test fails under
-// `pnpm -F @blk/drivers test`. It needs only qemu-img (~3 s) and skips itself when that is missing.
-describe.skipIf(skipReason !== undefined)("gluster parser vs qemu-img", () => {
+// Needs only qemu-img with its gluster module (~3 s) and skips itself when that is missing.
+describe.skipIf(skipReason !== undefined)("gluster parser vs qemu-img", { tags: ["qemu"] }, () => {
   const inputs = [
     ...[...URI_VECTORS, ...URI_EXTRA_VECTORS].map((v) => [v.id, v.input] as const),
     ...[...JSON_VECTORS, ...JSON_EXTRA_VECTORS].map((v) => [v.id, `json:${v.input}`] as const),

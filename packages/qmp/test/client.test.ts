@@ -125,6 +125,42 @@ describe("QmpClient", () => {
     await server.close();
   });
 
+  it("waitEvent(name, predicate, timeoutMs): the first matching event, or ERR_QMP_TIMEOUT", async () => {
+    const { server } = makeServer();
+    const [a, b] = duplexPair();
+    server.attach(b);
+    const client = await QmpClient.connect({ stream: a });
+    // registered before the command, so the event cannot slip past
+    const ready = client.waitEvent<{ device: string }>("BLOCK_JOB_READY", (d) => d.device === "j0", 5000);
+    const other = client.waitEvent<{ device: string }>("BLOCK_JOB_READY", (d) => d.device === "j1", 50);
+    const created = client.waitEvent("JOB_STATUS_CHANGE", (_, e) => e.data.status === "created");
+    await client.execute("x-start-job");
+    expect((await created).data).toEqual({ status: "created", id: "j0" });
+    expect((await ready).data).toEqual({ device: "j0" });
+    await expect(other).rejects.toMatchObject({ code: "ERR_QMP_TIMEOUT" });
+    await client.close();
+    await server.close();
+  });
+
+  it("`await using` closes the client and the server at the end of the scope", async () => {
+    const path = dir.join("u.sock");
+    let client: QmpClient | undefined;
+    let server: QmpServer | undefined;
+    {
+      await using s = makeServer().server;
+      await s.listen({ path });
+      await using c = await QmpClient.connect({ path });
+      client = c;
+      server = s;
+      expect(await c.execute("x-add", { a: 1, b: 2 })).toBe(3);
+      expect(s.sessions.size).toBe(1);
+    }
+    expect(client.isClosed).toBe(true);
+    await expect(client.execute("query-version")).rejects.toMatchObject({ code: "ERR_QMP_CLOSED" });
+    expect(server.sessions.size).toBe(0);
+    await expect(QmpClient.connect({ path }, { timeoutMs: 5000 })).rejects.toThrow();
+  });
+
   it("rejects every pending call with a QmpConnectionError when the server goes away", async () => {
     const { server, release } = makeServer();
     const path = dir.join("b.sock");

@@ -142,7 +142,7 @@ describe("formatKeyval / parseKeyval round trip", () => {
 
 const live = process.env.BLK_QAPI_QEMU !== "0" && missingPeers(["qemu-storage-daemon"]).length === 0;
 
-describe.skipIf(!live)("parser messages against the real qemu-storage-daemon", () => {
+describe.skipIf(!live)("parser messages against the real qemu-storage-daemon", { tags: ["qemu"] }, () => {
   it("agrees on every error row without an implied key", async () => {
     for (const [params, impliedKey, expected] of ERRORS) {
       if (impliedKey !== undefined) continue;

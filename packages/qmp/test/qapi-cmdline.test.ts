@@ -10,6 +10,7 @@ import {
   BlockExportOptions,
   isQmpError,
   NbdServerOptions,
+  parseKeyval,
   parseOptionArgument,
   type QapiType,
   QSD_IMPLIED_KEYS,
@@ -210,6 +211,9 @@ const ERRORS: readonly (readonly [Opt, string, string])[] = [
   ["export", "addr.type=unix", "Parameter 'type' is missing"],
   ["nbd-server", "id=e", "Parameter 'addr' is missing"],
   ["nbd-server", "addr.type=unix", "Parameter 'addr.path' is missing"],
+  // the command-line errors qmp.md §2 quotes
+  ["nbd-server", "addr.type=inet,addr.host=127.0.0.1", "Parameter 'addr.port' is missing"],
+  ["blockdev", "driver=qcow2,node-name=x", "Parameter 'file' is missing"],
   [
     "nbd-server",
     "addr.type=unix,addr.path=/tmp/n.sock,max-connections=x",
@@ -217,8 +221,90 @@ const ERRORS: readonly (readonly [Opt, string, string])[] = [
   ],
 ];
 
+const FILE_DEFAULTS = {
+  locking: "auto",
+  aio: "threads",
+  "aio-max-batch": 0,
+  "drop-cache": true,
+  "x-check-cache-dropped": false,
+};
+const QCOW2_DEFAULTS = {
+  "pass-discard-snapshot": true,
+  "pass-discard-other": false,
+  "overlap-check": "cached",
+  "cache-clean-interval": 600,
+};
+const NBD_EXPORT_DEFAULTS = {
+  "fixed-iothread": false,
+  writable: false,
+  writethrough: false,
+  "allocation-depth": false,
+};
+
+/** Every keyval option of qmp-transcripts.md (§4 command line, §9 daemon), verbatim, and what it parses to. */
+const TRANSCRIPT_OPTIONS: readonly (readonly [Opt, string, unknown])[] = [
+  [
+    "blockdev",
+    "driver=file,node-name=disk-file,filename=/tmp/qsd/r4/disk.qcow2",
+    { driver: "file", "node-name": "disk-file", filename: "/tmp/qsd/r4/disk.qcow2", ...FILE_DEFAULTS },
+  ],
+  [
+    "blockdev",
+    "driver=qcow2,node-name=disk,file=disk-file",
+    { driver: "qcow2", "node-name": "disk", file: "disk-file", ...QCOW2_DEFAULTS },
+  ],
+  [
+    "blockdev",
+    "driver=throttle,node-name=disk-thr,throttle-group=tg0,file=disk",
+    { driver: "throttle", "node-name": "disk-thr", "throttle-group": "tg0", file: "disk" },
+  ],
+  [
+    "nbd-server",
+    "addr.type=unix,addr.path=/tmp/qsd/r4/nbd.sock,max-connections=4",
+    { addr: { type: "unix", path: "/tmp/qsd/r4/nbd.sock" }, "max-connections": 4 },
+  ],
+  [
+    "export",
+    "type=nbd,id=exp0,node-name=disk-thr,name=disk,writable=on",
+    {
+      type: "nbd",
+      id: "exp0",
+      "node-name": "disk-thr",
+      name: "disk",
+      ...NBD_EXPORT_DEFAULTS,
+      writable: true,
+    },
+  ],
+  [
+    "blockdev",
+    "driver=qcow2,node-name=a,file.driver=file,file.filename=a.qcow2",
+    {
+      driver: "qcow2",
+      "node-name": "a",
+      file: { driver: "file", filename: "a.qcow2", ...FILE_DEFAULTS },
+      ...QCOW2_DEFAULTS,
+    },
+  ],
+  [
+    "blockdev",
+    "driver=throttle,node-name=ta,throttle-group=tg0,file=a",
+    { driver: "throttle", "node-name": "ta", "throttle-group": "tg0", file: "a" },
+  ],
+  [
+    "nbd-server",
+    "addr.type=unix,addr.path=nbd.sock",
+    { addr: { type: "unix", path: "nbd.sock" }, "max-connections": 0 },
+  ],
+  [
+    "export",
+    "type=nbd,id=e0,node-name=ta,name=ta",
+    { type: "nbd", id: "e0", "node-name": "ta", name: "ta", ...NBD_EXPORT_DEFAULTS },
+  ],
+];
+
 /** Arguments QEMU accepts: with `,bogus=1` appended both sides must complain about `bogus` only. */
 const ACCEPTED: readonly (readonly [Opt, string])[] = [
+  ...TRANSCRIPT_OPTIONS.map(([opt, arg]) => [opt, arg] as const),
   ...["on", "off", "yes", "no", "true", "false", "y", "n"].map(
     (v) => ["blockdev", `${B},read-only=${v}`] as const,
   ),
@@ -254,6 +340,23 @@ describe("command-line validation matches qemu-storage-daemon 7.2", () => {
   it.each(ACCEPTED)("--%s %s is accepted", (opt, arg) => {
     expect(() => parse(opt, arg)).not.toThrow();
     expect(messageOf(opt, `${arg},bogus=1`)).toBe("Parameter 'bogus' is unexpected");
+  });
+
+  it.each(TRANSCRIPT_OPTIONS)("--%s %s (from qmp-transcripts.md)", (opt, arg, want) => {
+    expect(parse(opt, arg)).toEqual(want);
+  });
+
+  it("parses the transcripts' --object and --monitor arguments with their implied keys", () => {
+    expect(
+      parseKeyval("throttle-group,id=tg0,x-bps-total=10485760,x-iops-total=1000", {
+        impliedKey: QSD_IMPLIED_KEYS.object,
+      }),
+    ).toEqual({ "qom-type": "throttle-group", id: "tg0", "x-bps-total": "10485760", "x-iops-total": "1000" });
+    expect(
+      parseKeyval("throttle-group,id=tg0,x-bps-total=1048576", { impliedKey: QSD_IMPLIED_KEYS.object }),
+    ).toEqual({ "qom-type": "throttle-group", id: "tg0", "x-bps-total": "1048576" });
+    expect(parseKeyval("chardev=m", { impliedKey: QSD_IMPLIED_KEYS.monitor })).toEqual({ chardev: "m" });
+    expect(parseKeyval("m", { impliedKey: QSD_IMPLIED_KEYS.monitor })).toEqual({ chardev: "m" });
   });
 
   it("builds the documented example", () => {
@@ -341,7 +444,7 @@ describe("command-line validation matches qemu-storage-daemon 7.2", () => {
 // Live unless BLK_QAPI_QEMU=0: ~130 daemon start-ups (a few seconds).
 const live = process.env.BLK_QAPI_QEMU !== "0" && missingPeers(["qemu-storage-daemon"]).length === 0;
 
-describe.skipIf(!live)("the same table against the real qemu-storage-daemon", () => {
+describe.skipIf(!live)("the same table against the real qemu-storage-daemon", { tags: ["qemu"] }, () => {
   async function qemuMessage(opt: Opt, arg: string): Promise<string> {
     const r = await run("qemu-storage-daemon", [`--${opt}`, arg], { timeoutMs: 10_000 });
     const prefix = `qemu-storage-daemon: --${opt} ${arg}: `;

@@ -213,53 +213,57 @@ describe("SchemaCatalog (query-qmp-schema shape)", () => {
 
 const live = process.env.BLK_QAPI_QEMU !== "0" && missingPeers(["qemu-storage-daemon"]).length === 0;
 
-describe.skipIf(!live)("members agree with qemu-storage-daemon's query-qmp-schema", () => {
-  it("for every variant of BlockdevOptions and BlockExportOptions, and nbd-server-start", async () => {
-    const input = [
-      '{"execute":"qmp_capabilities"}',
-      '{"execute":"query-qmp-schema","id":1}',
-      '{"execute":"quit"}',
-    ];
-    const r = await run("qemu-storage-daemon", ["--chardev", "stdio,id=m", "--monitor", "chardev=m"], {
-      input: `${input.join("\n")}\n`,
-      timeoutMs: 20_000,
-    });
-    const line = r.stdout.split("\n").find((l) => l.includes('"id": 1'));
-    const qemu = (JSON.parse(line ?? "{}") as { return: SchemaInfo[] }).return;
-    const qemuByName = new Map(qemu.map((e) => [e.name, e]));
-    const shape = (info: SchemaInfo | undefined, lookup: (n: string) => SchemaInfo | undefined): unknown =>
-      ((info?.members ?? []) as { name: string; default?: null; type: string }[]).map((m) => {
-        const t = lookup(m.type);
-        const kind = t === undefined ? m.type : t["meta-type"] === "builtin" ? t.name : t["meta-type"];
-        return `${m.name}${"default" in m ? "?" : ""}:${kind}`;
+describe.skipIf(!live)(
+  "members agree with qemu-storage-daemon's query-qmp-schema",
+  { tags: ["qemu"] },
+  () => {
+    it("for every variant of BlockdevOptions and BlockExportOptions, and nbd-server-start", async () => {
+      const input = [
+        '{"execute":"qmp_capabilities"}',
+        '{"execute":"query-qmp-schema","id":1}',
+        '{"execute":"quit"}',
+      ];
+      const r = await run("qemu-storage-daemon", ["--chardev", "stdio,id=m", "--monitor", "chardev=m"], {
+        input: `${input.join("\n")}\n`,
+        timeoutMs: 20_000,
       });
-    const command = (n: string): SchemaInfo | undefined =>
-      qemu.find((e) => e.name === n && e["meta-type"] === "command");
+      const line = r.stdout.split("\n").find((l) => l.includes('"id": 1'));
+      const qemu = (JSON.parse(line ?? "{}") as { return: SchemaInfo[] }).return;
+      const qemuByName = new Map(qemu.map((e) => [e.name, e]));
+      const shape = (info: SchemaInfo | undefined, lookup: (n: string) => SchemaInfo | undefined): unknown =>
+        ((info?.members ?? []) as { name: string; default?: null; type: string }[]).map((m) => {
+          const t = lookup(m.type);
+          const kind = t === undefined ? m.type : t["meta-type"] === "builtin" ? t.name : t["meta-type"];
+          return `${m.name}${"default" in m ? "?" : ""}:${kind}`;
+        });
+      const command = (n: string): SchemaInfo | undefined =>
+        qemu.find((e) => e.name === n && e["meta-type"] === "command");
 
-    const ours = new SchemaCatalog();
-    const oursByName = (): Map<string, SchemaInfo> => new Map(ours.entries().map((e) => [e.name, e]));
-    for (const [cmd, schema] of [
-      ["blockdev-add", BlockdevOptions],
-      ["block-export-add", BlockExportOptions],
-      ["nbd-server-start", NbdServerStartArguments],
-    ] as const) {
-      const theirs = qemuByName.get(String(command(cmd)?.["arg-type"]));
-      const ourName = ours.ref(schema);
-      const m = oursByName();
-      const mine = m.get(ourName);
-      expect(
-        shape(mine, (n) => m.get(n)),
-        cmd,
-      ).toEqual(shape(theirs, (n) => qemuByName.get(n)));
-      const theirVariants = new Map(
-        ((theirs?.variants ?? []) as { case: string; type: string }[]).map((v) => [v.case, v.type]),
-      );
-      for (const v of (mine?.variants ?? []) as { case: string; type: string }[]) {
+      const ours = new SchemaCatalog();
+      const oursByName = (): Map<string, SchemaInfo> => new Map(ours.entries().map((e) => [e.name, e]));
+      for (const [cmd, schema] of [
+        ["blockdev-add", BlockdevOptions],
+        ["block-export-add", BlockExportOptions],
+        ["nbd-server-start", NbdServerStartArguments],
+      ] as const) {
+        const theirs = qemuByName.get(String(command(cmd)?.["arg-type"]));
+        const ourName = ours.ref(schema);
+        const m = oursByName();
+        const mine = m.get(ourName);
         expect(
-          shape(m.get(v.type), (n) => m.get(n)),
-          `${cmd} ${v.case}`,
-        ).toEqual(shape(qemuByName.get(theirVariants.get(v.case) ?? ""), (n) => qemuByName.get(n)));
+          shape(mine, (n) => m.get(n)),
+          cmd,
+        ).toEqual(shape(theirs, (n) => qemuByName.get(n)));
+        const theirVariants = new Map(
+          ((theirs?.variants ?? []) as { case: string; type: string }[]).map((v) => [v.case, v.type]),
+        );
+        for (const v of (mine?.variants ?? []) as { case: string; type: string }[]) {
+          expect(
+            shape(m.get(v.type), (n) => m.get(n)),
+            `${cmd} ${v.case}`,
+          ).toEqual(shape(qemuByName.get(theirVariants.get(v.case) ?? ""), (n) => qemuByName.get(n)));
+        }
       }
-    }
-  });
-});
+    });
+  },
+);

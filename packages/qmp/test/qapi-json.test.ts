@@ -468,7 +468,7 @@ describe("QMP argument validation matches qemu-storage-daemon 7.2", () => {
 
 const live = process.env.BLK_QAPI_QEMU !== "0" && missingPeers(["qemu-storage-daemon"]).length === 0;
 
-describe.skipIf(!live)("the same table against the real qemu-storage-daemon", () => {
+describe.skipIf(!live)("the same table against the real qemu-storage-daemon", { tags: ["qemu"] }, () => {
   it("agrees on every row", async () => {
     const lines = [
       JSON.stringify({ execute: "qmp_capabilities" }),

@@ -153,7 +153,7 @@ describe("command-line numbers", () => {
 
 const live = process.env.BLK_QAPI_QEMU !== "0" && missingPeers(["qemu-storage-daemon"]).length === 0;
 
-describe.skipIf(!live)("size values against the real qemu-storage-daemon", () => {
+describe.skipIf(!live)("size values against the real qemu-storage-daemon", { tags: ["qemu"] }, () => {
   it("parses to the same byte counts", async () => {
     const rows = SIZES.filter(
       ([, v]) => v !== undefined && v > 0 && v < 2 ** 31 && (v < 512 || v > 2097152 || (v & (v - 1)) !== 0),

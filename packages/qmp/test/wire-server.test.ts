@@ -108,6 +108,14 @@ describe("QmpServer", () => {
     server.emit("BLOCK_EXPORT_DELETED", { id: "exp0" });
     expect(await a.out.take(10)).toContain('"event": "BLOCK_EXPORT_DELETED", "data": {"id": "exp0"}');
     expect(await b.out.take(0, 20)).toBe("");
+    // once b has negotiated too, every event goes to both sessions
+    b.client.write(NEGOTIATE);
+    expect(await b.out.take('{"return": {}}\r\n'.length)).toBe('{"return": {}}\r\n');
+    const both =
+      '{"timestamp": {"seconds": 1795431390, "microseconds": 126697}, "event": "BLOCK_EXPORT_DELETED", "data": {"id": "exp1"}}\r\n';
+    server.emit("BLOCK_EXPORT_DELETED", { id: "exp1" });
+    expect(await a.out.take(both.length)).toBe(both);
+    expect(await b.out.take(both.length)).toBe(both);
     await server.close();
   });
 
@@ -257,9 +265,14 @@ describe("QmpServer", () => {
     const done = new Promise<void>((r) => {
       finished = r;
     });
+    let started!: () => void;
+    const running = new Promise<void>((r) => {
+      started = r;
+    });
     registry.add({
       name: "x-wait",
       handler: async (_args: unknown, ctx) => {
+        started();
         await new Promise<void>((resolve) => ctx.signal.addEventListener("abort", () => resolve()));
         aborted = ctx.signal.aborted;
         finished();
@@ -270,7 +283,7 @@ describe("QmpServer", () => {
     const [client, serverSide] = duplexPair();
     const session = server.attach(serverSide);
     client.write(`${NEGOTIATE}{"execute": "x-wait"}`);
-    await new Promise((r) => setTimeout(r, 10));
+    await running;
     session.destroy();
     await done;
     expect(aborted).toBe(true);

@@ -279,13 +279,32 @@ export class QmpClient {
 
   /**
    * Resolves with the next event called `name` (matching `where`), optionally searching the buffered events
-   * received after `since` first.
+   * received after `since` first. Also callable as `waitEvent(name, where, timeoutMs?)`.
+   * @example
+   * await qmp.waitEvent("BLOCK_JOB_COMPLETED", (d) => d.device === "m0", 30_000);
    * @throws {QmpConnectionError} ERR_QMP_TIMEOUT, or when the connection closes first
    */
   waitEvent<D = Record<string, unknown>>(
     name: string,
-    options: QmpWaitEventOptions<D> = {},
+    options?: QmpWaitEventOptions<D>,
+  ): Promise<QmpEvent<D>>;
+  /** The next event called `name` whose data satisfies `where`, within `timeoutMs` (default: forever). */
+  waitEvent<D = Record<string, unknown>>(
+    name: string,
+    where: (data: D, event: QmpEvent<D>) => boolean,
+    timeoutMs?: number,
+  ): Promise<QmpEvent<D>>;
+  waitEvent<D = Record<string, unknown>>(
+    name: string,
+    optionsOrWhere: QmpWaitEventOptions<D> | ((data: D, event: QmpEvent<D>) => boolean) = {},
+    timeoutMs?: number,
   ): Promise<QmpEvent<D>> {
+    const options: QmpWaitEventOptions<D> =
+      typeof optionsOrWhere === "function"
+        ? timeoutMs === undefined
+          ? { where: optionsOrWhere }
+          : { where: optionsOrWhere, timeoutMs }
+        : optionsOrWhere;
     const matches = (e: QmpEvent): boolean =>
       e.event === name && (options.where === undefined || options.where(e.data as D, e as QmpEvent<D>));
     if (options.since !== undefined) {
