@@ -25,8 +25,7 @@ const RS = PERM.RESIZE;
 const missing = missingPeers(["qemu-io", "qemu-img"]);
 if (missing.length > 0) console.warn(`skipping qemu lock interop: missing ${missing.join(", ")}`);
 
-// Not tagged `qemu`: the package's own vitest config defines no tags, so a tagged test fails under
-// `pnpm -F @blk/drivers test`. These need only qemu-img/qemu-io (about a second) and skip themselves when missing.
+// `pnpm test:fast` leaves this file out by its name (`*.qemu.test.ts`); it skips itself when a peer is missing.
 describe.skipIf(missing.length > 0)("file image locks interop with qemu-io", () => {
   it("qemu-io cannot write while blk holds the image writable without sharing write", async () => {
     const p = await image();

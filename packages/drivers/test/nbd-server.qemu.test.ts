@@ -26,8 +26,7 @@ if (missing.length > 0) console.warn(`skipping NBD interop tests: missing ${miss
 
 const uri = (sock: string, name: string): string => `nbd+unix:///${name}?socket=${sock}`;
 
-// Not tagged `qemu`: packages/drivers/vitest.config.ts defines no tags, so a tagged test fails under
-// `pnpm -F @blk/drivers exec vitest` (see the report); skipped with a logged reason when a peer is missing.
+// `pnpm test:fast` leaves this file out by its name (`*.qemu.test.ts`); it skips itself when a peer is missing.
 describe.skipIf(missing.length > 0)("NbdServer interop", { timeout: 60_000 }, () => {
   let dir: TempDir;
   let graph: BlockGraph;

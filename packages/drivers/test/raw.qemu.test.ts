@@ -38,8 +38,7 @@ async function mapJson(node: BlockNode): Promise<string> {
 }
 
 const missing = missingPeers(["qemu-img", "qemu-io"]);
-// Not tagged `qemu`: the package's own vitest config defines no tags, so a tagged test fails under
-// `pnpm -F @blk/drivers test`. These need only qemu-img/qemu-io (about a second) and skip themselves when missing.
+// `pnpm test:fast` leaves this file out by its name (`*.qemu.test.ts`); it skips itself when a peer is missing.
 describe.skipIf(missing.length > 0)("raw/file map against qemu-img map -f raw", () => {
   it("sparse files map exactly as qemu-img prints them", async () => {
     const p = await sparse(4 << 20);

@@ -15,8 +15,7 @@ async function sparse(size: number): Promise<string> {
 }
 
 const missing = missingPeers(["qemu-io"]);
-// Not tagged `qemu`: the package's own vitest config defines no tags, so a tagged test fails under
-// `pnpm -F @blk/drivers test`. These need only qemu-img/qemu-io (about a second) and skip themselves when missing.
+// `pnpm test:fast` leaves this file out by its name (`*.qemu.test.ts`); it skips itself when a peer is missing.
 describe.skipIf(missing.length > 0)("openImage locks against qemu-io", () => {
   it("a raw image opened writable shares write like QEMU; noShare refuses qemu-io writers", async () => {
     const p = await sparse(1 << 20);
