@@ -16,7 +16,7 @@ const EXT_CRYPTO = 0x0537be77;
 const EXT_DATA_FILE = 0x44415441;
 
 /** Incompatible bit 0: refcounts may be wrong. */
-export const INCOMPAT_DIRTY = 0x1;
+const INCOMPAT_DIRTY = 0x1;
 /** Incompatible bit 2: external data file. */
 export const INCOMPAT_DATA_FILE = 0x4;
 /** Incompatible bit 3: compression type field is non-zero. */

@@ -13,7 +13,7 @@ export interface LongOption {
 }
 
 /** One parsed option: its key (short letter or long name) and argument. */
-export interface ParsedOption {
+interface ParsedOption {
   key: string;
   value: string;
 }

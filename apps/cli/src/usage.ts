@@ -3,10 +3,10 @@ import { createRequire } from "node:module";
 import { PROG } from "./context.ts";
 
 /** The QEMU version whose qemu-img behaviour blk-img follows. */
-export const QEMU_COMPAT = "7.2.0";
+const QEMU_COMPAT = "7.2.0";
 
 /** This package's version (from its package.json, one level above both `src/` and `dist/`). */
-export function packageVersion(): string {
+function packageVersion(): string {
   const pkg = createRequire(import.meta.url)("../package.json") as { version?: unknown };
   return typeof pkg.version === "string" ? pkg.version : "0.0.0";
 }
@@ -17,7 +17,7 @@ export function versionText(): string {
 }
 
 /** Synopsis of each command, in qemu-img's option syntax. */
-export const SYNOPSIS: Readonly<Record<string, string>> = {
+const SYNOPSIS: Readonly<Record<string, string>> = {
   bitmap:
     "bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b source_file [-F source_fmt]] [-g granularity] [--object objectdef] [--image-opts | -f fmt] filename bitmap",
   amend:

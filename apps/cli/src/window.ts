@@ -200,7 +200,7 @@ class WindowState extends FilterDriverState {
 }
 
 /** The window filter driver (`x-blk-window`). */
-export const windowDriver: BlockDriver<WindowOptions> = {
+const windowDriver: BlockDriver<WindowOptions> = {
   format: "x-blk-window",
   kind: "filter",
   async open(options: WindowOptions, ctx): Promise<WindowState> {

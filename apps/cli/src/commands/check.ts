@@ -15,7 +15,7 @@ import { checkCacheMode, openImg, outputFormat } from "../image.ts";
 import { commandHelp } from "../usage.ts";
 
 /** Exit code of a format without consistency checks. */
-export const EXIT_UNSUPPORTED = 63;
+const EXIT_UNSUPPORTED = 63;
 
 /**
  * The order qemu-img prints `ImageCheck` members in: its JSON comes from a QDict, iterated by hash bucket
@@ -37,7 +37,7 @@ const CHECK_KEY_ORDER = [
 ];
 
 /** QEMU's `ImageCheck` object (zero optional counters omitted), members in qemu-img's order. */
-export function checkJson(filename: string, format: string, r: CheckResult): Record<string, unknown> {
+function checkJson(filename: string, format: string, r: CheckResult): Record<string, unknown> {
   const out: Record<string, unknown> = { filename, format, "check-errors": r.checkErrors };
   if (r.imageEndOffset !== undefined) out["image-end-offset"] = r.imageEndOffset;
   if (r.corruptions > 0) out.corruptions = r.corruptions;
@@ -88,7 +88,7 @@ async function reopenForRepair(img: OpenedImage, filename: string): Promise<Open
 }
 
 /** qemu-img's human check summary. */
-export function checkHuman(r: CheckResult): string {
+function checkHuman(r: CheckResult): string {
   const lines: string[] = [];
   const fixedLeaks = r.leaksFixed ?? 0;
   const fixedCorr = r.corruptionsFixed ?? 0;

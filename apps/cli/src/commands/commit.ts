@@ -39,7 +39,7 @@ function real(path: string): string | undefined {
  * QEMU's `bdrv_find_backing_image`: the layer below `top` whose file is `name`, where `name` is taken
  * relative to the directory of each overlay in turn and compared by real path.
  */
-export function findBackingImage(top: BlockNode, name: string): BlockNode | undefined {
+function findBackingImage(top: BlockNode, name: string): BlockNode | undefined {
   let overlay = top;
   for (const below of backingChain(top)) {
     const overlayName = layerFilename(overlay);
@@ -57,7 +57,7 @@ export function findBackingImage(top: BlockNode, name: string): BlockNode | unde
  * Makes `node` and its own storage (`file` child) writable, as a commit job's reopen of its base does.
  * @returns a function putting them back to read-only
  */
-export async function reopenWritable(node: BlockNode): Promise<() => Promise<void>> {
+async function reopenWritable(node: BlockNode): Promise<() => Promise<void>> {
   const done: BlockNode[] = [];
   const walk = async (n: BlockNode): Promise<void> => {
     const file = n.children.get("file")?.child;
@@ -95,7 +95,7 @@ export function rateLimiter(
 }
 
 /** Options of {@link commitChain}. */
-export interface CommitChainOptions {
+interface CommitChainOptions {
   /** Called with the fraction done. */
   onProgress?: (fraction: number) => void;
   /** Bytes per second (0: unlimited). */
@@ -107,7 +107,7 @@ export interface CommitChainOptions {
  * from `top` down to, excluding, `base` allocate.
  * @throws {CliError} qemu-img's wording for I/O errors
  */
-export async function commitChain(
+async function commitChain(
   top: BlockNode,
   base: BlockNode,
   baseEdge: Edge,

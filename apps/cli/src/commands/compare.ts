@@ -17,7 +17,7 @@ const SECTOR = 512;
 const IO_BUF = 2 << 20;
 
 /** The first 512-byte sector at which `a` and `b` differ (its offset in the buffers), or -1. */
-export function firstDifferentSector(a: Uint8Array, b: Uint8Array | undefined): number {
+function firstDifferentSector(a: Uint8Array, b: Uint8Array | undefined): number {
   for (let s = 0; s < a.length; s += SECTOR) {
     const end = Math.min(s + SECTOR, a.length);
     for (let i = s; i < end; i++) {

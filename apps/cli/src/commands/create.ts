@@ -14,7 +14,7 @@ import { resolveBacking } from "./info.ts";
  * Parses a size operand of `create`/`convert -o size`.
  * @throws {CliError} qemu-img's invalid-size or out-of-range message
  */
-export function imageSize(text: string): number {
+function imageSize(text: string): number {
   if (text.startsWith("-")) throw invalidSize();
   const s = parseSize(text);
   if (!s.ok && s.error === "invalid") throw invalidSize();

@@ -51,7 +51,7 @@ function extras(node: BlockNode): {
 }
 
 /** QEMU's `ImageInfo` of an open image. */
-export async function imageInfo(
+async function imageInfo(
   node: BlockNode,
   filename: string,
   format: string,
@@ -103,7 +103,7 @@ function dumpValue(v: unknown, indent: number, lines: string[]): void {
 }
 
 /** qemu-img's human `info` block for an `ImageInfo`. */
-export function humanInfo(info: Record<string, unknown>): string {
+function humanInfo(info: Record<string, unknown>): string {
   const lines: string[] = [];
   const size = Number(info["virtual-size"]);
   lines.push(`image: ${String(info.filename)}`);

@@ -9,7 +9,7 @@ import { statusOf } from "../status.ts";
 import { commandHelp } from "../usage.ts";
 
 /** One `map` entry (qemu-img's `MapEntry`, keys in its output order) plus the layer's filename. */
-export interface MapLine {
+interface MapLine {
   start: number;
   length: number;
   depth: number;
@@ -21,7 +21,7 @@ export interface MapLine {
 }
 
 /** The JSON text of one entry, as qemu-img 7.2 prints it (fixed key order, `offset` only when known). */
-export function mapEntryJson(e: MapLine): string {
+function mapEntryJson(e: MapLine): string {
   const off = e.offset === undefined ? "" : `, "offset": ${e.offset}`;
   return `{ "start": ${e.start}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}${off}}`;
 }
@@ -49,12 +49,7 @@ function layerName(top: BlockNode, depth: number, topName: string): string | und
 }
 
 /** The merged map of `[start, end)` of `node` over its backing chain. */
-export async function mapEntries(
-  node: BlockNode,
-  start: number,
-  end: number,
-  name: string,
-): Promise<MapLine[]> {
+async function mapEntries(node: BlockNode, start: number, end: number, name: string): Promise<MapLine[]> {
   const out: MapLine[] = [];
   let pos = start;
   while (pos < end) {

@@ -234,7 +234,7 @@ export function qcow2MeasureOptions(opts: ReadonlyMap<string, string>): Qcow2Mea
 }
 
 /** Bytes of the `clusterSize` clusters holding data in `node` (over its whole chain), as QEMU counts them. */
-export async function dataClusterBytes(node: BlockNode, clusterSize: number): Promise<number> {
+async function dataClusterBytes(node: BlockNode, clusterSize: number): Promise<number> {
   const len = node.length;
   const cursor = new ExtentCursor(node, len);
   let required = 0;

@@ -76,7 +76,7 @@ async function readPadded(node: BlockNode | undefined, offset: number, out: Uint
 }
 
 /** Options of {@link rebaseData}. */
-export interface RebaseDataOptions {
+interface RebaseDataOptions {
   /** The new backing node, when it is a layer of the image's own chain (only ranges above it differ). */
   prefix?: BlockNode | undefined;
   progress?: Progress;
@@ -88,7 +88,7 @@ export interface RebaseDataOptions {
  * old backing file's end).
  * @throws {CliError} qemu-img's messages for metadata, read and write errors
  */
-export async function rebaseData(
+async function rebaseData(
   top: BlockNode,
   edge: Edge,
   oldBacking: BlockNode | undefined,
@@ -210,7 +210,7 @@ async function copyOld(oldBacking: BlockNode, edge: Edge, work: DirtyBitmap): Pr
  * whole unit the image leaves to its backing chain can take the old chain's data without touching data
  * of the image's own.
  */
-export function allocationUnit(node: BlockNode): number {
+function allocationUnit(node: BlockNode): number {
   const st = node.state as unknown as { clusterSize?: unknown; header?: { incompatibleFeatures?: number } };
   if (node.driver.format !== "qcow2" || typeof st.clusterSize !== "number") return SECTOR;
   const extL2 = ((st.header?.incompatibleFeatures ?? 0) & 0x10) !== 0;

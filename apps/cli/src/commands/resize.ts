@@ -10,7 +10,7 @@ const PREALLOC = ["off", "metadata", "falloc", "full"] as const;
 type Prealloc = (typeof PREALLOC)[number];
 
 /** A resize size operand: absolute, or relative with a leading `+`/`-`. @throws {CliError} */
-export function parseResize(text: string): { sign: -1 | 0 | 1; value: number } {
+function parseResize(text: string): { sign: -1 | 0 | 1; value: number } {
   const sign = text.startsWith("+") ? 1 : text.startsWith("-") ? -1 : 0;
   const s = parseSize(sign === 0 ? text : text.slice(1));
   if (!s.ok) throw invalidSizeParameter("size");
