@@ -199,10 +199,18 @@ export class MirrorJob extends BlockJob {
   #sourceEdge: Edge | undefined;
   #targetEdge: Edge | undefined;
   #ops: Op[] = [];
+  /** Background copy operations in flight, and their bytes. */
+  #copyOps = 0;
+  #copyBytes = 0;
+  /** Waiting for the next background copy operation to finish. */
+  #opWaiters: (() => void)[] = [];
   #bufFree: number;
   /** Copy buffers of finished operations by size, {@link MirrorJob.bufSize} bytes at most. */
   readonly #freeBuffers = new Map<number, Uint8Array[]>();
   #pooledBytes = 0;
+  /** Free slots of the page-aligned copy arena (created at the first data copy; empty once released). */
+  #arenaSlots: Uint8Array[] | undefined;
+  #buffersReleased = false;
   #iterPos = 0;
   #shouldComplete = false;
   #failure: BlkError | undefined;
@@ -282,7 +290,7 @@ export class MirrorJob extends BlockJob {
 
   /** Background copy operations in flight. */
   get opsInFlight(): number {
-    return this.#ops.filter((o) => o.kind === "copy").length;
+    return this.#copyOps;
   }
 
   /** Write-blocking mode: READY was reached and no target write failed since. */
@@ -343,6 +351,7 @@ export class MirrorJob extends BlockJob {
     } finally {
       this.#copying = false;
       this.#top.onDirtied = undefined;
+      this.#releaseBuffers();
     }
   }
 
@@ -576,6 +585,8 @@ export class MirrorJob extends BlockJob {
 
   #startOp(offset: number, bytes: number, extents: Extent[]): void {
     this.#bufFree -= bytes;
+    this.#copyOps++;
+    this.#copyBytes += bytes;
     const op: Op = {
       start: offset,
       end: offset + bytes,
@@ -585,7 +596,12 @@ export class MirrorJob extends BlockJob {
     };
     op.done = this.#copy(offset, bytes, extents).finally(() => {
       this.#bufFree += bytes;
+      this.#copyOps--;
+      this.#copyBytes -= bytes;
       this.#ops.splice(this.#ops.indexOf(op), 1);
+      const waiters = this.#opWaiters;
+      this.#opWaiters = [];
+      for (const wake of waiters) wake();
     });
     this.#ops.push(op);
   }
@@ -620,11 +636,23 @@ export class MirrorJob extends BlockJob {
   }
 
   /**
-   * A copy buffer of `bytes` bytes (contents undefined), reused from earlier operations when one of that
-   * size is free: QEMU's mirror copies through its own `buf-size` buffer, and allocating (and zeroing) a
-   * fresh megabyte per operation made garbage collection a large part of a mirror's time.
+   * A copy buffer of at least `bytes` bytes (contents undefined). QEMU's mirror copies through one
+   * page-aligned buffer of `buf-size` bytes; so does this job: a slot of a page-aligned arena when one is
+   * free, else a plain buffer reused from earlier operations of that size. The kernel copies page-aligned
+   * memory to and from the page cache with less system time than the 16-byte-aligned memory of a plain
+   * `Uint8Array` (a 1 GiB dense qcow2 mirror into a fresh qcow2: about a fifth less system time, and
+   * steadier), and allocating a fresh megabyte per operation made garbage collection a large part of a
+   * mirror's time.
    */
   #takeBuffer(bytes: number): Uint8Array {
+    if (bytes <= this.#maxIo) {
+      this.#arenaSlots ??= arenaSlots(
+        this.#maxIo,
+        Math.min(MIRROR_MAX_IN_FLIGHT, Math.floor(this.bufSize / this.#maxIo)),
+      );
+      const slot = this.#arenaSlots.pop();
+      if (slot !== undefined) return slot;
+    }
     const free = this.#freeBuffers.get(bytes);
     const buf = free?.pop();
     if (buf === undefined) return new Uint8Array(bytes);
@@ -632,8 +660,13 @@ export class MirrorJob extends BlockJob {
     return buf;
   }
 
-  /** Keeps a finished operation's buffer for the next ones, at most `buf-size` bytes of them. */
+  /** Gives a finished operation's buffer back: its arena slot, or the pool (at most `buf-size` bytes). */
   #returnBuffer(buf: Uint8Array): void {
+    if (this.#buffersReleased) return;
+    if (arenaOf.has(buf.buffer)) {
+      this.#arenaSlots?.push(buf);
+      return;
+    }
     if (this.#pooledBytes + buf.length > this.bufSize) return;
     let free = this.#freeBuffers.get(buf.length);
     if (free === undefined) {
@@ -642,6 +675,14 @@ export class MirrorJob extends BlockJob {
     }
     free.push(buf);
     this.#pooledBytes += buf.length;
+  }
+
+  /** Drops the copy buffers (the job copies no more): the memory goes back with the job's last reference. */
+  #releaseBuffers(): void {
+    this.#buffersReleased = true;
+    this.#arenaSlots = [];
+    this.#freeBuffers.clear();
+    this.#pooledBytes = 0;
   }
 
   #opError(f: OpFailure): void {
@@ -686,18 +727,17 @@ export class MirrorJob extends BlockJob {
   }
 
   #inFlightBytes(): number {
-    let n = 0;
-    for (const op of this.#ops) if (op.kind === "copy") n += op.bytes;
-    return n;
+    return this.#copyBytes;
   }
 
   #overlapping(start: number, end: number): Op | undefined {
     return this.#ops.find((o) => o.start < end && start < o.end);
   }
 
+  /** Resolves when the next background copy operation finishes (at once when none is in flight). */
   async #waitAnyOp(): Promise<void> {
-    const bg = this.#ops.filter((o) => o.kind === "copy");
-    if (bg.length > 0) await Promise.race(bg.map((o) => o.done));
+    if (this.#copyOps === 0) return;
+    await new Promise<void>((resolve) => this.#opWaiters.push(resolve));
   }
 
   async #waitAllOps(): Promise<void> {
@@ -835,6 +875,40 @@ export class MirrorJob extends BlockJob {
   }
 }
 
+/** The ArrayBuffers of copy arenas (their slots go back to the free list, other buffers to the pool). */
+const arenaOf = new WeakSet<ArrayBufferLike>();
+
+/** The `WebAssembly.Memory` constructor, where the runtime has one (not in this package's type libs). */
+const WasmMemory = (
+  globalThis as {
+    WebAssembly?: { Memory: new (d: { initial: number; maximum?: number }) => { buffer: ArrayBuffer } };
+  }
+).WebAssembly?.Memory;
+
+/** Largest copy arena taken from WebAssembly memory (bigger `buf-size`s copy through plain buffers). */
+const MAX_ARENA_BYTES = 1 << 30;
+
+/**
+ * `count` page-aligned buffers of `size` bytes each, carved from one arena, or none when the runtime cannot
+ * give page-aligned memory. JavaScript has no aligned allocation; a WebAssembly memory is one (its base is
+ * mapped on a 64 KiB boundary), zero-filled and never detached unless grown, which this one never is.
+ */
+function arenaSlots(size: number, count: number): Uint8Array[] {
+  const stride = Math.ceil(size / 4096) * 4096;
+  const bytes = stride * count;
+  if (WasmMemory === undefined || count < 1 || bytes > MAX_ARENA_BYTES) return [];
+  let buffer: ArrayBuffer;
+  try {
+    const pages = Math.ceil(bytes / 65536);
+    buffer = new WasmMemory({ initial: pages, maximum: pages }).buffer;
+  } catch {
+    // Out of address space for another memory (many concurrent jobs): plain buffers.
+    return [];
+  }
+  arenaOf.add(buffer);
+  return Array.from({ length: count }, (_, i) => new Uint8Array(buffer, i * stride, size));
+}
+
 /** The `mirror_top` filter of a job being started, inserted above its source. */
 interface InsertedMirrorTop {
   filter: BlockNode;
@@ -880,7 +954,31 @@ export async function insertMirrorTop(
     await remove();
     throw e;
   }
+  await settleRequestsInFlight(source);
   return { filter, bitmap, remove };
+}
+
+/**
+ * Waits for the requests that were in flight on `node` when the filter went in above it: they did not pass
+ * through the filter, so their writes are not marked, and the job must not look at the ranges they write
+ * before they landed (a write allocating a cluster would read as zeroes and be copied as such, then land
+ * on the source only). QEMU inserts `mirror_top` in a drained section for the same reason. A serialising
+ * request over the whole node waits for every request running, while requests begun after it (through the
+ * filter now) wait for it.
+ */
+async function settleRequestsInFlight(node: BlockNode): Promise<void> {
+  if (node.tracker.inFlight === 0) return;
+  const barrier = node.tracker.begin({
+    offset: 0,
+    bytes: Number.MAX_SAFE_INTEGER,
+    serialising: true,
+    kind: "drain",
+  });
+  try {
+    await barrier.waitForOverlapping();
+  } finally {
+    barrier.end();
+  }
 }
 
 /** Looks a node up by name as `blockdev-mirror` does. */
