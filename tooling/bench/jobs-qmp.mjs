@@ -4,6 +4,8 @@
 //
 //   node tooling/bench/jobs-qmp.mjs           (after `pnpm build`; needs qemu-storage-daemon, qemu-img)
 //   BLK_BENCH_SIZE_MIB=2048 BLK_BENCH_ROUNDS=3 BLK_BENCH_SECONDS=2 node tooling/bench/jobs-qmp.mjs
+//   BLK_BENCH_METRICS=mirror,backup,ready,writer   (a subset of the four measurements; default all)
+//   BLK_BENCH_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof"   (extra node options for blkd, e.g. profiling)
 //
 // Measured per daemon, on a dense qcow2 source (random data, BLK_BENCH_SIZE_MIB, default 2048):
 // - mirror MiB/s: blockdev-mirror sync=full into an empty qcow2, from the command to BLOCK_JOB_READY;
@@ -29,6 +31,22 @@ const sizeMiB = Number(process.env.BLK_BENCH_SIZE_MIB ?? 2048);
 const rounds = Number(process.env.BLK_BENCH_ROUNDS ?? 3);
 const seconds = Number(process.env.BLK_BENCH_SECONDS ?? 2);
 const size = sizeMiB * MiB;
+const metricKeys = {
+  mirror: "mirror MiB/s",
+  backup: "backup MiB/s",
+  ready: "READY under writer s",
+  writer: "writer IOPS backup/idle",
+};
+const wanted = (process.env.BLK_BENCH_METRICS ?? Object.keys(metricKeys).join(","))
+  .split(",")
+  .filter(Boolean);
+for (const w of wanted) {
+  if (!(w in metricKeys)) {
+    console.error(`jobs-qmp bench: unknown metric ${w} (${Object.keys(metricKeys).join(", ")})`);
+    process.exit(2);
+  }
+}
+const nodeArgs = (process.env.BLK_BENCH_NODE_ARGS ?? "").split(" ").filter(Boolean);
 
 for (const p of ["qemu-storage-daemon", "qemu-img"]) {
   if (spawnSync("sh", ["-c", `command -v ${p}`]).status !== 0) {
@@ -73,7 +91,7 @@ const freshTarget = () => {
 };
 
 const daemons = {
-  blkd: (sock) => [process.execPath, [join(root, "apps/daemon/bin/blkd.js"), ...monitor(sock)]],
+  blkd: (sock) => [process.execPath, [...nodeArgs, join(root, "apps/daemon/bin/blkd.js"), ...monitor(sock)]],
   "qemu-storage-daemon": (sock) => ["qemu-storage-daemon", monitor(sock)],
 };
 function monitor(sock) {
@@ -191,58 +209,49 @@ async function iopsOver(writer, secs, until) {
 /** Shortest backup window that gives a meaningful writer IOPS figure. */
 const MIN_WINDOW_S = 0.5;
 
-const metrics = ["mirror MiB/s", "backup MiB/s", "READY under writer s", "writer IOPS backup/idle"];
+const metrics = wanted.map((w) => metricKeys[w]);
 const names = Object.keys(daemons);
 const results = Object.fromEntries(names.map((n) => [n, Object.fromEntries(metrics.map((m) => [m, []]))]));
 
-for (let round = 0; round < rounds; round++) {
-  const order = round % 2 === 0 ? names : [...names].reverse();
-  for (const name of order) {
-    const r = results[name];
-    let d = await start(name);
-    try {
+/** One daemon start per measurement: each returns the metric's value for daemon `name`. */
+const measure = {
+  mirror: (name) =>
+    withDaemon(name, async (d) => {
       const secs = await timeJob(
         d,
         "blockdev-mirror",
         { "job-id": "m", device: "src", target: "tgt", sync: "full" },
         "BLOCK_JOB_READY",
       );
-      r["mirror MiB/s"].push(sizeMiB / secs);
-    } finally {
-      await d.stop();
-    }
-    d = await start(name);
-    try {
+      return sizeMiB / secs;
+    }),
+  backup: (name) =>
+    withDaemon(name, async (d) => {
       const secs = await timeJob(
         d,
         "blockdev-backup",
         { "job-id": "b", device: "src", target: "tgt", sync: "full" },
         "BLOCK_JOB_COMPLETED",
       );
-      r["backup MiB/s"].push(sizeMiB / secs);
-    } finally {
-      await d.stop();
-    }
-    d = await start(name);
-    try {
+      return sizeMiB / secs;
+    }),
+  ready: (name) =>
+    withDaemon(name, async (d) => {
       const writer = await startWriter(await d.exportSource());
       try {
         await new Promise((res) => setTimeout(res, 200));
-        const secs = await timeJob(
+        return await timeJob(
           d,
           "blockdev-mirror",
           { "job-id": "m", device: "src", target: "tgt", sync: "full" },
           "BLOCK_JOB_READY",
         );
-        r["READY under writer s"].push(secs);
       } finally {
         await writer.stop();
       }
-    } finally {
-      await d.stop();
-    }
-    d = await start(name);
-    try {
+    }),
+  writer: (name) =>
+    withDaemon(name, async (d) => {
       const writer = await startWriter(await d.exportSource());
       try {
         const idle = await iopsOver(writer, seconds);
@@ -250,17 +259,30 @@ for (let round = 0; round < rounds; round++) {
         await d.exec("blockdev-backup", { "job-id": "b", device: "src", target: "tgt", sync: "full" });
         const done = d.qmp.waitEvent("BLOCK_JOB_COMPLETED", { since: mark, timeoutMs: 600_000 });
         const busy = await iopsOver(writer, seconds, done);
-        // A backup over in a blink says nothing about the writer: n/a (use a bigger image).
-        r["writer IOPS backup/idle"].push(busy.window < MIN_WINDOW_S ? Number.NaN : busy.iops / idle.iops);
         await writer.stop();
         await done;
+        // A backup over in a blink says nothing about the writer: n/a (use a bigger image).
+        return busy.window < MIN_WINDOW_S ? Number.NaN : busy.iops / idle.iops;
       } catch (e) {
         await writer.stop().catch(() => {});
         throw e;
       }
-    } finally {
-      await d.stop();
-    }
+    }),
+};
+
+async function withDaemon(name, fn) {
+  const d = await start(name);
+  try {
+    return await fn(d);
+  } finally {
+    await d.stop();
+  }
+}
+
+for (let round = 0; round < rounds; round++) {
+  const order = round % 2 === 0 ? names : [...names].reverse();
+  for (const name of order) {
+    for (const w of wanted) results[name][metricKeys[w]].push(await measure[w](name));
   }
   process.stderr.write(`round ${round + 1}/${rounds} done\n`);
 }
