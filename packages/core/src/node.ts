@@ -412,7 +412,9 @@ export class BlockNode {
 
   /** Reads into `buf` (its whole length) at `offset`. */
   async readInto(offset: number, buf: Uint8Array, opts: RequestOptions = {}): Promise<void> {
-    if (this.#gate !== undefined) await this.#waitGate();
+    if (this.#gate !== undefined && (await this.#heldAndMoved(opts.via))) {
+      return (opts.via as Edge).readInto(offset, buf, opts);
+    }
     const state = this.state;
     this.#checkRange(offset, buf.length, "rd", false);
     const req = this.tracker.begin({
@@ -439,7 +441,9 @@ export class BlockNode {
 
   /** Writes `data` at `offset`. */
   async write(offset: number, data: Uint8Array, opts: NodeWriteOptions = {}): Promise<void> {
-    if (this.#gate !== undefined) await this.#waitGate();
+    if (this.#gate !== undefined && (await this.#heldAndMoved(opts.via))) {
+      return (opts.via as Edge).write(offset, data, opts);
+    }
     const state = this.state;
     const bytes = data.length;
     const writeUnchanged = opts.writeUnchanged ?? false;
@@ -474,7 +478,9 @@ export class BlockNode {
 
   /** Writes zeroes; `mayUnmap` is dropped unless the node was opened with `discard=unmap`. */
   async writeZeroes(offset: number, bytes: number, opts: NodeZeroOptions = {}): Promise<void> {
-    if (this.#gate !== undefined) await this.#waitGate();
+    if (this.#gate !== undefined && (await this.#heldAndMoved(opts.via))) {
+      return (opts.via as Edge).writeZeroes(offset, bytes, opts);
+    }
     const state = this.state;
     this.#checkWritable("wr", opts.via, false);
     this.#checkRange(offset, bytes, "wr", this.#allowGrow(opts.via));
@@ -580,7 +586,9 @@ export class BlockNode {
 
   /** Discards a range; a no-op (success) unless the node was opened with `discard=unmap`. */
   async discard(offset: number, bytes: number, opts: RequestOptions = {}): Promise<void> {
-    if (this.#gate !== undefined) await this.#waitGate();
+    if (this.#gate !== undefined && (await this.#heldAndMoved(opts.via))) {
+      return (opts.via as Edge).discard(offset, bytes, opts);
+    }
     const state = this.state;
     this.#checkWritable("unmap", opts.via, false);
     this.#checkRange(offset, bytes, "unmap", false);
@@ -919,6 +927,17 @@ export class BlockNode {
 
   async #waitGate(): Promise<void> {
     while (this.#gate !== undefined) await this.#gate;
+  }
+
+  /**
+   * Waits at the gate of a drained section; true when the request came through an edge that no longer
+   * points here once it opens (a filter went in above this node, or the node was replaced, meanwhile).
+   * Such a request must go where its edge points now: in QEMU it would have waited above the graph, in
+   * its BlockBackend, and a copy-before-write filter inserted in the drained section must see it.
+   */
+  async #heldAndMoved(via: Edge | undefined): Promise<boolean> {
+    await this.#waitGate();
+    return via !== undefined && via.child !== this;
   }
 
   /**

@@ -3,6 +3,7 @@ import {
   BlkError,
   type BlockDriver,
   BlockGraph,
+  type BlockNode,
   backendParent,
   FilterDriverState,
   filterDriver,
@@ -277,6 +278,32 @@ describe("graph changes", () => {
     expect(g.find("mtop")).toBeUndefined();
     expect(top.closed).toBe(true);
     expect(src.parents.length).toBe(1);
+  });
+
+  it("requests held by a drained section follow their edge to a filter inserted in it", async () => {
+    const g = new BlockGraph();
+    const src = await disk(g, "src");
+    const exp = g.attach(backendParent(), src, { name: "root", perm: RW, shared: ALL_BUT_RESIZE });
+    let top: BlockNode | undefined;
+    const seen: string[] = [];
+    const held: Promise<unknown>[] = [];
+    await src.drained(async () => {
+      // Issued while drained: they wait at src's gate, having already chosen src as their node.
+      held.push(exp.write(0, new Uint8Array(512).fill(7)), exp.readInto(512, new Uint8Array(512)));
+      held.push(exp.writeZeroes(1024, 512), exp.discard(1536, 512));
+      top = await g.openFilterAbove(filterDriver("cbw"), {}, src, { nodeName: "cbw" });
+      top.beforeWrite.add(async (ev) => {
+        seen.push(`${ev.kind}@${ev.offset}`);
+      });
+    });
+    await Promise.all(held);
+    expect(exp.child).toBe(top);
+    // Both writes went through the filter (its before-write notifier saw them), as they would have if
+    // they had waited above the graph; the read went there too and found the data below.
+    expect(seen.sort()).toEqual(["write-zeroes@1024", "write@0"]);
+    expect(top?.stats.rd_operations).toBe(1);
+    expect(src.stats.rd_operations).toBe(1);
+    expect((await src.read(0, 1))[0]).toBe(7);
   });
 
   it("a filter that cannot be put above a node leaves the graph as it was", async () => {
