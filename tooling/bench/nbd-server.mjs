@@ -5,6 +5,7 @@
 //   node tooling/bench/nbd-server.mjs            (after `pnpm build`; needs qemu-nbd, nbdkit, nbdcopy)
 //   BLK_BENCH_SIZE_MIB=2048 BLK_BENCH_ROUNDS=5 BLK_BENCH_SECONDS=3 node tooling/bench/nbd-server.mjs
 //   BLK_BENCH_WARMUP=0 node tooling/bench/nbd-server.mjs     (cold servers: no untimed warm-up pass)
+//   BLK_BENCH_TRACE_GC=1 node tooling/bench/nbd-server.mjs   (blkd under --trace-gc: its mark-compacts per workload)
 //
 // Measured per server: nbdcopy sequential read (export → null:) and write (file → export) in MiB/s, and
 // 4 KiB random reads and writes at queue depth 1 and 16 in IOPS, issued by one NbdClient (the same client
@@ -28,6 +29,7 @@ const sizeMiB = Number(process.env.BLK_BENCH_SIZE_MIB ?? 512);
 const rounds = Number(process.env.BLK_BENCH_ROUNDS ?? 3);
 const seconds = Number(process.env.BLK_BENCH_SECONDS ?? 2);
 const warmup = process.env.BLK_BENCH_WARMUP !== "0";
+const traceGc = process.env.BLK_BENCH_TRACE_GC === "1";
 const size = sizeMiB * MiB;
 
 for (const p of ["qemu-nbd", "nbdcopy", "nbdkit"]) {
@@ -65,6 +67,7 @@ const servers = {
   blkd: (sock) => [
     process.execPath,
     [
+      ...(traceGc ? ["--trace-gc"] : []),
       join(root, "apps/daemon/bin/blkd.js"),
       "--blockdev",
       `driver=file,node-name=f0,filename=${image},cache.direct=off`,
@@ -87,14 +90,28 @@ async function start(name) {
   const sock = join(dir, `${name}.sock`);
   rmSync(sock, { force: true });
   const [cmd, args] = servers[name](sock);
-  const child = spawn(cmd, args, { stdio: "ignore" });
+  const traced = traceGc && name === "blkd";
+  const child = spawn(cmd, args, { stdio: ["ignore", traced ? "pipe" : "ignore", "ignore"] });
   children.add(child);
+  // --trace-gc prints one line per collection on stdout: count the full (mark-compact) ones.
+  let markCompacts = 0;
+  if (traced) {
+    let tail = "";
+    child.stdout.setEncoding("utf8");
+    child.stdout.on("data", (d) => {
+      const lines = (tail + d).split("\n");
+      tail = lines.pop() ?? "";
+      for (const l of lines) if (l.includes("Mark-Compact")) markCompacts++;
+    });
+  }
   await waitFor(sock);
   await new Promise((r) => setTimeout(r, 100));
   return {
     uri: `nbd+unix:///disk?socket=${sock}`,
     sock,
     pid: child.pid,
+    traced,
+    markCompacts: () => markCompacts,
     stop: async () => {
       child.kill("SIGTERM");
       await new Promise((r) => child.once("close", r));
@@ -151,6 +168,8 @@ const metrics = [
 const results = Object.fromEntries(
   Object.keys(servers).map((s) => [s, Object.fromEntries(metrics.map((m) => [m, []]))]),
 );
+/** blkd's mark-compact GCs per workload (with BLK_BENCH_TRACE_GC=1). */
+const fullGcs = Object.fromEntries(metrics.map((m) => [m, []]));
 /** Server CPU time per workload: ms per MiB (sequential) or per 1000 requests (random). */
 const cpu = Object.fromEntries(
   Object.keys(servers).map((s) => [s, Object.fromEntries(metrics.map((m) => [m, []]))]),
@@ -171,9 +190,12 @@ for (let round = 0; round < rounds; round++) {
       }
       const measure = async (metric, run, perCpu) => {
         const c0 = cpuMs(srv.pid);
+        const g0 = srv.markCompacts();
         const t0 = performance.now();
         const rate = await run();
         const used = cpuMs(srv.pid) - c0;
+        // (Lines still in the pipe may land in the next workload's count: they are a few at most.)
+        if (srv.traced) fullGcs[metric].push(srv.markCompacts() - g0);
         r[metric].push(rate);
         cpu[name][metric].push(used / (perCpu(rate, (performance.now() - t0) / 1000) || 1));
       };
@@ -218,4 +240,8 @@ for (const m of metrics) {
 console.log("server CPU time (user + system): ms per MiB (sequential), per 1000 requests (random)");
 for (const m of metrics) {
   console.log([m.padEnd(20), ...names.map((n) => median(cpu[n][m]).toFixed(2).padStart(12))].join(""));
+}
+if (traceGc) {
+  console.log("blkd mark-compact GCs per workload (--trace-gc), per round");
+  for (const m of metrics) console.log([m.padEnd(20), fullGcs[m].join(" ").padStart(12)].join(""));
 }

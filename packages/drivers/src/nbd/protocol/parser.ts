@@ -60,10 +60,19 @@ export interface NbdClientStreamParserOptions {
   maxPayload?: number;
   /**
    * Allocates the buffer a WRITE payload is gathered into when it straddles received chunks (a payload
-   * inside one chunk is returned as a view of it). Must return exactly `n` bytes; they are overwritten.
-   * Default: a new zeroed array.
+   * inside one pushed chunk is returned as a view of it). Must return exactly `n` bytes; they are
+   * overwritten. Default: a new zeroed array. A payload of more than `eagerPayload` bytes is gathered as
+   * its bytes arrive once a quarter of it is there (the allocation is never more than four times what the
+   * client sent of it); a smaller one as soon as its request header is parsed.
    */
   allocatePayload?: (n: number) => Uint8Array;
+  /** See `allocatePayload`. Default 0. */
+  eagerPayload?: number;
+  /**
+   * Where {@link NbdClientStreamParser.settle} keeps the unparsed rest of a transient chunk (`allocate`
+   * returns exactly `n` bytes), and where such a copy goes once parsed. Default: new arrays, dropped.
+   */
+  holdTransient?: { allocate: (n: number) => Uint8Array; release: (b: Uint8Array) => void };
 }
 
 type ClientState =
@@ -72,7 +81,8 @@ type ClientState =
   | { s: "option-data"; option: number; length: number }
   | { s: "option-skip"; option: number; length: number; left: number }
   | { s: "transmission" }
-  | { s: "write-data"; req: NbdRequest };
+  /** `buf`: where the payload is gathered (once a quarter arrived), `filled` bytes of it so far. */
+  | { s: "write-data"; req: NbdRequest; buf: Uint8Array | undefined; filled: number };
 
 /**
  * Parses the client → server stream (used by servers): the 32-bit client flags, option requests, and,
@@ -85,15 +95,21 @@ type ClientState =
 export class NbdClientStreamParser {
   readonly maxOptionLength: number;
   readonly maxPayload: number;
-  #q = new ByteQueue();
+  #q: ByteQueue;
   #st: ClientState = { s: "flags" };
   #failed: NbdProtocolError | undefined;
   #allocatePayload: ((n: number) => Uint8Array) | undefined;
+  #eagerPayload: number;
+  #holdAllocate: ((n: number) => Uint8Array) | undefined;
 
   constructor(options: NbdClientStreamParserOptions = {}) {
     this.maxOptionLength = options.maxOptionLength ?? 65536;
     this.maxPayload = options.maxPayload ?? NBD_MAX_PAYLOAD;
     this.#allocatePayload = options.allocatePayload;
+    this.#eagerPayload = options.eagerPayload ?? 0;
+    const hold = options.holdTransient;
+    this.#holdAllocate = hold?.allocate;
+    this.#q = new ByteQueue(hold === undefined ? {} : { release: hold.release });
   }
 
   /** Bytes buffered and not yet returned. */
@@ -116,6 +132,55 @@ export class NbdClientStreamParser {
   push(chunk: Uint8Array): void {
     if (this.#failed) throw this.#failed;
     this.#q.push(chunk);
+  }
+
+  /**
+   * Buffers bytes whose memory the caller reuses after calling {@link NbdClientStreamParser.settle} (a
+   * socket's reusable read buffer): messages returned before settle() never refer to it.
+   * @throws {NbdProtocolError} once the parser has failed
+   */
+  pushTransient(chunk: Uint8Array): void {
+    if (this.#failed) throw this.#failed;
+    this.#q.pushTransient(chunk);
+  }
+
+  /** Keeps a copy of what is still unparsed of the transient chunk: its memory is the caller's again. */
+  settle(): void {
+    this.#q.settle(this.#holdAllocate);
+  }
+
+  /**
+   * While a WRITE payload is being gathered and every byte received so far is in it: the part of its
+   * buffer still to fill, when at least `min` bytes. The caller may place the next bytes of the stream
+   * there itself (a socket reading straight into it), then must report them with
+   * {@link NbdClientStreamParser.payloadFilled} before anything else is pushed.
+   */
+  payloadSpace(min: number): Uint8Array | undefined {
+    const st = this.#st;
+    if (st.s !== "write-data" || st.buf === undefined || this.#q.length > 0 || this.#failed) return undefined;
+    const left = st.req.length - st.filled;
+    return left >= min && left > 0 ? st.buf.subarray(st.filled) : undefined;
+  }
+
+  /** Bytes of the WRITE payload being received still to come (0 outside a payload). */
+  get payloadPending(): number {
+    const st = this.#st;
+    if (st.s !== "write-data") return 0;
+    return Math.max(0, st.req.length - (st.buf === undefined ? this.#q.length : st.filled));
+  }
+
+  /** `n` bytes of the stream were placed at the start of the last {@link NbdClientStreamParser.payloadSpace}. */
+  payloadFilled(n: number): void {
+    const st = this.#st;
+    if (
+      st.s !== "write-data" ||
+      st.buf === undefined ||
+      this.#q.length > 0 ||
+      n > st.req.length - st.filled
+    ) {
+      throw new Error("payloadFilled() without a matching payloadSpace()");
+    }
+    st.filled += n;
   }
 
   /** Switches to transmission: the bytes from here on are requests. */
@@ -202,12 +267,28 @@ export class NbdClientStreamParser {
               `write payload of ${req.length} bytes exceeds the limit ${this.maxPayload}`,
             );
           }
-          this.#st = { s: "write-data", req };
+          this.#st = { s: "write-data", req, buf: undefined, filled: 0 };
           continue;
         }
         case "write-data": {
-          if (q.length < st.req.length) return undefined;
-          st.req.data = q.take(st.req.length, this.#allocatePayload);
+          const length = st.req.length;
+          if (st.buf === undefined) {
+            if (q.length >= length) {
+              st.req.data = q.take(length, this.#allocatePayload);
+              this.#st = { s: "transmission" };
+              return st.req;
+            }
+            // Gather as it arrives (nothing received stays queued): small payloads at once, larger ones once
+            // the client sent a quarter.
+            if (length > this.#eagerPayload && q.length * 4 < length) return undefined;
+            st.buf =
+              this.#allocatePayload === undefined ? new Uint8Array(length) : this.#allocatePayload(length);
+          }
+          const n = Math.min(q.length, length - st.filled);
+          if (n > 0) q.read(st.buf, st.filled, n);
+          st.filled += n;
+          if (st.filled < length) return undefined;
+          st.req.data = st.buf;
           this.#st = { s: "transmission" };
           return st.req;
         }

@@ -3,8 +3,13 @@
  * requests dispatched concurrently (replies leave in completion order), a bounded number in flight, and
  * backpressure: the socket is paused while the in-flight queue is full or its write buffer is over its
  * high-water mark. Protocol violations hard-disconnect; request failures become NBD errors.
+ *
+ * Sockets from the server's own listener (without TLS) are adopted: they read into the server's shared
+ * read buffer, whose unparsed rest the parser copies out before the read callback returns, and the
+ * rest of a large WRITE payload straight into its pooled buffer. No received byte then costs an
+ * allocation, and a payload buffer goes back to the pool only once the node write using it succeeded.
  */
-import type { Socket } from "node:net";
+import { Socket, type SocketConstructorOpts } from "node:net";
 import { createServer as createTlsServer, type TLSSocket } from "node:tls";
 import { isBlkError } from "@blk/core";
 import {
@@ -57,6 +62,11 @@ export interface NbdConnectionHost {
   readonly handshakeTimeoutMs: number;
   /** Where READ data and gathered WRITE payloads are allocated. */
   readonly bufferPool: BufferPool;
+  /**
+   * What adopted sockets read into (shared: its bytes are parsed or copied before the read callback
+   * returns, and the event loop runs one read callback at a time).
+   */
+  readonly readBuffer: Uint8Array;
   /** TLS credentials; with `required`, every option but STARTTLS and ABORT needs TLS first. */
   readonly tls: { creds: TlsCreds; required: boolean } | undefined;
   /** The server is shutting down: options other than ABORT get `NBD_REP_ERR_SHUTDOWN`. */
@@ -93,7 +103,48 @@ const DF_VALID = NBD_CMD_FLAG.DF;
 /** Bytes of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk in front of its data. */
 const OFFSET_DATA_HEADER_SIZE = NBD_CHUNK_HEADER_SIZE + 8;
 const ZERO_VALID = NBD_CMD_FLAG.NO_HOLE | NBD_CMD_FLAG.FAST_ZERO;
+/** Bytes of a WRITE payload still missing for the socket to read straight into it (less: the read buffer). */
+const DIRECT_READ_MIN = 16 * 1024;
+/**
+ * WRITE payloads up to this size get their buffer as soon as their header is parsed (QEMU does so for
+ * every size), so that the socket reads the rest straight into it; larger ones once a quarter arrived.
+ * A client that sends headers and no data thus makes a connection hold at most this much.
+ */
+const EAGER_PAYLOAD = 1024 * 1024;
+/**
+ * How much an adopted socket reads after a large WRITE: the next request's header and not much of its
+ * payload, whose rest then goes straight into the payload buffer (instead of being copied out of the read
+ * buffer). After other requests, reads take as much as the read buffer holds (many small requests).
+ */
+const HEADER_READ_SIZE = 4096;
+/** Bytes of replies an adopted socket buffers before the connection stops starting requests. */
+const WRITE_HIGH_WATER_MARK = 256 * 1024;
 
+type OnRead = { buffer: () => Uint8Array; callback: (n: number, buf: Uint8Array) => void };
+
+/**
+ * Re-creates a socket the server accepted paused (`pauseOnConnect`) around the same handle with `onread`,
+ * so that received bytes land in buffers the connection chooses instead of a new 64 KiB ArrayBuffer per
+ * read: under a stream of WRITE payloads those allocations (external memory) made V8 run a mark-compact
+ * every few dozen megabytes. Node offers `onread` only to sockets it creates itself, hence the private
+ * `_handle` (checked: undefined when Node changes it, and the socket is used as it is).
+ */
+function adoptSocket(s: Socket, onread: OnRead): Socket | undefined {
+  const internal = s as unknown as { _handle?: { useUserBuffer?: unknown } | null };
+  const handle = internal._handle;
+  if (handle == null || typeof handle.useUserBuffer !== "function" || s.readableLength > 0 || s.destroyed) {
+    return undefined;
+  }
+  internal._handle = null;
+  s.destroy(); // the wrapper alone: without a handle nothing is closed
+  return new Socket({
+    handle,
+    allowHalfOpen: true,
+    onread,
+    // Room for a loop iteration's worth of small replies (16 × 4 KiB reads) while the socket is corked.
+    writableHighWaterMark: WRITE_HIGH_WATER_MARK,
+  } as SocketConstructorOpts);
+}
 /** A client connection. Created by the server for each accepted socket. */
 export class NbdConnection {
   readonly host: NbdConnectionHost;
@@ -112,17 +163,36 @@ export class NbdConnection {
   #inFlight = 0;
   #requests = 0;
   #writeBlocked = false;
+  /** The socket corked by {@link NbdConnection.#write} until the check phase. */
+  #corked: Socket | undefined;
   #paused = false;
   #disconnecting = false;
   #eof = false;
   #timer: NodeJS.Timeout | undefined;
   #idle: (() => void)[] = [];
+  /** The WRITE payload space the socket was last given to read into (adopted sockets). */
+  #direct: Uint8Array | undefined;
+  /** The last request was a WRITE large enough to be read straight into its payload. */
+  #largeWrites = false;
 
-  constructor(host: NbdConnectionHost, socket: Socket) {
+  /**
+   * `adopt`: the socket was accepted paused from the server's own listener and may be re-created to read
+   * into the connection's buffers (see {@link NbdConnectionHost.readBuffer}).
+   */
+  constructor(host: NbdConnectionHost, socket: Socket, adopt = false) {
     this.host = host;
-    this.#socket = socket;
     const pool = host.bufferPool;
-    this.#parser = new NbdClientStreamParser({ allocatePayload: (n) => pool.acquire(n) });
+    this.#parser = new NbdClientStreamParser({
+      allocatePayload: (n) => pool.acquire(n),
+      eagerPayload: EAGER_PAYLOAD,
+      holdTransient: { allocate: (n) => pool.acquire(n), release: (b) => pool.release(b) },
+    });
+    if (adopt) {
+      const adopted = adoptSocket(socket, { buffer: this.#nextReadBuffer, callback: this.#onRead });
+      if (adopted === undefined) socket.resume();
+      else socket = adopted;
+    }
+    this.#socket = socket;
     socket.on("error", (e) => this.host.log(`connection error: ${e.message}`));
     this.#listen(socket);
     if (host.handshakeTimeoutMs > 0) {
@@ -149,7 +219,31 @@ export class NbdConnection {
     this.#eof = true;
     this.#pump();
   };
-  #onSocketData = (chunk: Buffer): void => this.#onData(chunk);
+  #onSocketData = (chunk: Buffer): void => this.#onData(chunk, false);
+  /** Adopted sockets: where the next read goes, straight into a WRITE payload when one is being gathered. */
+  #nextReadBuffer = (): Uint8Array => {
+    const space = this.#parser.payloadSpace(DIRECT_READ_MIN);
+    this.#direct = space;
+    if (space !== undefined) return space;
+    const b = this.host.readBuffer;
+    return this.#largeWrites && this.#parser.payloadPending === 0 ? b.subarray(0, HEADER_READ_SIZE) : b;
+  };
+  /** Adopted sockets: `n` bytes were read into `buf` (reused once this returns). */
+  #onRead = (n: number, buf: Uint8Array): void => {
+    if (buf !== this.#direct) {
+      this.#onData(buf.subarray(0, n), true);
+      return;
+    }
+    this.#direct = undefined;
+    if (this.#phase === "closed" || this.#disconnecting || this.#upgrading) return;
+    try {
+      this.#parser.payloadFilled(n);
+    } catch (e) {
+      this.#protocolError(e);
+      return;
+    }
+    this.#pump();
+  };
   #onSocketClose = (): void => this.#onClose();
 
   #listen(s: Socket): void {
@@ -209,15 +303,21 @@ export class NbdConnection {
     this.host.closed(this);
   }
 
-  #onData(chunk: Buffer): void {
+  /** `transient`: `chunk` is the shared read buffer, whose unparsed rest the parser copies before returning. */
+  #onData(chunk: Uint8Array, transient: boolean): void {
     if (this.#phase === "closed" || this.#disconnecting || this.#upgrading) return;
     try {
-      this.#parser.push(chunk);
+      if (transient) this.#parser.pushTransient(chunk);
+      else this.#parser.push(chunk);
     } catch (e) {
       this.#protocolError(e);
       return;
     }
-    this.#pump();
+    try {
+      this.#pump();
+    } finally {
+      if (transient) this.#parser.settle();
+    }
   }
 
   #protocolError(e: unknown): void {
@@ -258,24 +358,40 @@ export class NbdConnection {
     }
   }
 
-  /** Writes `bufs` in order (corked); `done` runs once the socket no longer needs them (or never took them). */
+  /**
+   * Writes `bufs` in order; `done` runs once the socket no longer needs them (or never took them). The
+   * socket stays corked until the event loop's check phase: the replies of the requests that finished in
+   * this loop iteration leave in one system call (and wake the client once), up to the socket's high-water
+   * mark, beyond which no request is started until it drained.
+   */
   #write(bufs: readonly Uint8Array[], done?: () => void): void {
     const s = this.socket;
     if (s.destroyed || !s.writable) {
       done?.();
       return;
     }
+    if (this.#corked !== s) {
+      if (this.#corked === undefined) setImmediate(this.#uncork);
+      else this.#corked.uncork(); // the socket was replaced (STARTTLS): the old one is done with
+      this.#corked = s;
+      s.cork();
+    }
     const n = bufs.length;
-    if (n > 1) s.cork();
     let ok = true;
     for (let i = 0; i < n; i++) {
       const b = bufs[i] as Uint8Array;
       // Stream callbacks run in order: the last chunk's runs once every chunk before it was written too.
       ok = i === n - 1 && done !== undefined ? s.write(b, done) : s.write(b);
     }
-    if (n > 1) s.uncork();
     if (!ok || s.writableNeedDrain) this.#writeBlocked = true;
   }
+
+  #uncork = (): void => {
+    const s = this.#corked;
+    this.#corked = undefined;
+    if (s === undefined) return;
+    s.uncork();
+  };
 
   #dispatch(m: NbdClientMessage): void {
     switch (m.kind) {
@@ -566,6 +682,7 @@ export class NbdConnection {
 
   #request(req: NbdRequest): void {
     this.#requests++;
+    this.#largeWrites = req.type === NBD_CMD.WRITE && req.length >= DIRECT_READ_MIN;
     if (req.type === NBD_CMD.DISC) {
       this.#disconnecting = true;
       this.#maybeFinish();

@@ -6,10 +6,14 @@
 import { once } from "node:events";
 import { createServer, type Server, type Socket } from "node:net";
 import { BlkError } from "@blk/core";
+import { alignedBuffer } from "../../file/index.ts";
 import type { TlsCreds } from "../tls.ts";
 import { NbdConnection, type NbdConnectionHost, type NbdConnectionInfo } from "./connection.ts";
 import { NbdExport, type NbdExportOptions } from "./export.ts";
-import { BufferPool } from "./pool.ts";
+import { BufferPool, POOL_HEADROOM } from "./pool.ts";
+
+/** Bytes one socket read may return (the buffer is shared by every connection of a server). */
+const READ_BUFFER_SIZE = 256 * 1024;
 
 /** Where to listen. */
 export type NbdListenAddress = { type: "unix"; path: string } | { type: "inet"; host: string; port: number };
@@ -57,6 +61,12 @@ export class NbdServer implements NbdConnectionHost {
   readonly tls: { creds: TlsCreds; required: boolean } | undefined;
   /** @internal Payload buffers shared by the connections. */
   readonly bufferPool: BufferPool = new BufferPool();
+  /** @internal What the sockets this server accepts read into (allocated on the first connection). */
+  get readBuffer(): Uint8Array {
+    this.#readBuffer ??= alignedBuffer(READ_BUFFER_SIZE, POOL_HEADROOM);
+    return this.#readBuffer;
+  }
+  #readBuffer: Uint8Array | undefined;
   #log: (message: string) => void;
   #exports = new Map<string, NbdExport>();
   #listeners: Server[] = [];
@@ -153,7 +163,10 @@ export class NbdServer implements NbdConnectionHost {
    */
   async listen(address: NbdListenAddress): Promise<NbdListenAddress> {
     if (this.#closing) throw new BlkError("ESHUTDOWN", "NBD server is shut down");
-    const srv = createServer({ allowHalfOpen: true, pauseOnConnect: false }, (s) => this.handleSocket(s));
+    // Without TLS, accepted sockets are re-created to read into the connection's buffers, which needs
+    // them paused until then (a TLS upgrade takes over the socket's reads itself: those stay as they are).
+    const adopt = this.tls === undefined;
+    const srv = createServer({ allowHalfOpen: true, pauseOnConnect: adopt }, (s) => this.#accept(s, adopt));
     srv.on("error", (e) => this.#log(`listener error: ${e.message}`));
     const listening = once(srv, "listening");
     const failed = once(srv, "error").then(([e]) => {
@@ -172,12 +185,16 @@ export class NbdServer implements NbdConnectionHost {
 
   /** Serves a connected socket (accepted elsewhere, or one end of a socket pair in tests). */
   handleSocket(socket: Socket): void {
+    this.#accept(socket, false);
+  }
+
+  #accept(socket: Socket, adopt: boolean): void {
     if (this.#closing || (this.maxConnections > 0 && this.#conns.size >= this.maxConnections)) {
       socket.on("error", () => {});
       socket.destroy();
       return;
     }
-    this.#conns.add(new NbdConnection(this, socket));
+    this.#conns.add(new NbdConnection(this, socket, adopt));
   }
 
   /** @internal */
