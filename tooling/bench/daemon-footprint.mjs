@@ -7,11 +7,13 @@
 //   node tooling/bench/daemon-footprint.mjs           (after `pnpm build`; needs qemu-storage-daemon)
 //   BLK_BENCH_ROUNDS=9 node tooling/bench/daemon-footprint.mjs
 //   BLK_BENCH_BASELINE=/path/to/other/bin/blkd.js …   (adds that blkd, e.g. an older build, as a row)
-//   BLK_BENCH_BUNDLE=1 …   (adds blkd bundled into a few files by rolldown, vite's bundler: what module
-//                           loading costs; its version reads 0.0.0)
+//
+// The "blkd" row runs bin/blkd.cjs (the package's `blkd`) as users do: the bundle `pnpm build` writes to
+// dist/bundle/, with its code cache (the bench says so when the bin falls back to dist/, the bundle missing
+// or stale); "blkd unbundled" runs the same bin with BLKD_NO_BUNDLE=1 (dist/, ~90 modules): what the
+// bundle saves.
 import { spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { createRequire } from "node:module";
 import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
@@ -57,31 +59,26 @@ const net = require("node:net");
 const path = process.argv.at(-1).replace(/^.*path=([^,]*).*$/, "$1");
 net.createServer((s) => { s.write('{"QMP": {}}\\r\\n'); s.on("data", (d) => { if (String(d).includes("quit")) process.exit(0); s.write('{"return": {}}\\r\\n'); }); }).listen(path);
 `;
+const blkd = join(root, "apps/daemon/bin/blkd.cjs");
 const daemons = {
-  blkd: (a) => [process.execPath, [join(root, "apps/daemon/bin/blkd.js"), ...a]],
+  blkd: (a) => [process.execPath, [blkd, ...a]],
+  "blkd unbundled": (a) => [process.execPath, [blkd, ...a], { BLKD_NO_BUNDLE: "1" }],
   "qemu-storage-daemon": (a) => ["qemu-storage-daemon", a],
   "node floor": (a) => [process.execPath, ["-e", floorScript, a.at(-3)]],
 };
 const baseline = process.env.BLK_BENCH_BASELINE;
 if (baseline !== undefined && baseline !== "")
   daemons["blkd baseline"] = (a) => [process.execPath, [baseline, ...a]];
-if (process.env.BLK_BENCH_BUNDLE === "1") {
-  const vite = createRequire(join(root, "package.json")).resolve("vite/package.json");
-  const { rolldown } = await import(createRequire(vite).resolve("rolldown"));
-  const bundle = await rolldown({
-    input: join(root, "apps/daemon/dist/main.js"),
-    platform: "node",
-    external: [/^node:/, "koffi"],
-    logLevel: "silent",
-  });
-  await bundle.write({ dir: join(dir, "bundle"), format: "esm" });
-  const entry = join(dir, "bundle", "blkd.mjs");
-  writeFileSync(
-    entry,
-    'import { main } from "./main.js";\nprocess.exitCode = await main(process.argv.slice(2));\n',
+// Whether the bin runs the bundle with its code cache (it says so on stderr when asked).
+const probe = spawnSync(process.execPath, [blkd, "--version"], {
+  env: { ...process.env, BLKD_BUNDLE_DEBUG: "1" },
+  encoding: "utf8",
+});
+const bundled = /code cache accepted/.test(probe.stderr);
+if (!bundled)
+  console.error(
+    `footprint bench: bin/blkd.cjs does not run the bundle with its cache (${probe.stderr.trim()}): run \`pnpm build\``,
   );
-  daemons["blkd bundled"] = (a) => [process.execPath, [entry, ...a]];
-}
 
 /** Connects until the greeting arrives; resolves with the socket. */
 async function greeting(path, deadline) {
@@ -113,9 +110,9 @@ function cpuTimeMs(pid) {
 async function measure(name, round) {
   const qmp = join(dir, `${name.replace(" ", "-")}-${round}.qmp`);
   const nbd = join(dir, `${name.replace(" ", "-")}-${round}.nbd`);
-  const [cmd, a] = daemons[name](args(qmp, nbd));
+  const [cmd, a, env] = daemons[name](args(qmp, nbd));
   const t = performance.now();
-  const child = spawn(cmd, a, { stdio: ["ignore", "ignore", "pipe"] });
+  const child = spawn(cmd, a, { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, ...env } });
   children.add(child);
   let stderr = "";
   child.stderr.on("data", (d) => {
@@ -170,8 +167,8 @@ const ratio = (x, y) =>
   `${(median(x.rssMiB) / median(y.rssMiB)).toFixed(2)}x`.padStart(14);
 console.log(`${"blkd / qsd".padEnd(24)}${ratio(res.blkd, res["qemu-storage-daemon"])}`);
 console.log(`${"blkd / node floor".padEnd(24)}${ratio(res.blkd, res["node floor"])}`);
-if (res["blkd bundled"] !== undefined)
-  console.log(`${"bundled / qsd".padEnd(24)}${ratio(res["blkd bundled"], res["qemu-storage-daemon"])}`);
+console.log(`${"blkd / unbundled".padEnd(24)}${ratio(res.blkd, res["blkd unbundled"])}`);
+if (!bundled) console.log("(blkd did not run the bundle with its code cache: see above)");
 if (res["blkd baseline"] !== undefined) {
   console.log(`${"baseline / qsd".padEnd(24)}${ratio(res["blkd baseline"], res["qemu-storage-daemon"])}`);
   console.log(`${"blkd / baseline".padEnd(24)}${ratio(res.blkd, res["blkd baseline"])}`);

@@ -7,7 +7,7 @@
  * option, a pid file locked by another daemon — the parent has relayed its error message and exits 1.
  */
 import { spawn } from "node:child_process";
-import { closeSync, writeSync } from "node:fs";
+import { closeSync, existsSync, writeSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 
 /** Environment variable telling a daemonized child which fd to report readiness on. */
@@ -19,8 +19,16 @@ export interface DaemonizeIo {
   err(text: string): void;
 }
 
-/** The blkd script a daemonized child runs (the committed bin shim, next to `src/` and `dist/`). */
-const BLKD_SCRIPT: string = fileURLToPath(new URL("../bin/blkd.js", import.meta.url));
+/**
+ * The blkd script a daemonized child runs: the committed bin shim (`bin/blkd.cjs`), next to `src/` and
+ * `dist/` (this module is in one of them, or in `dist/bundle/`).
+ */
+const BLKD_SCRIPT: string = (() => {
+  const candidates = ["../bin/blkd.cjs", "../../bin/blkd.cjs"].map((rel) =>
+    fileURLToPath(new URL(rel, import.meta.url)),
+  );
+  return candidates.find((path) => existsSync(path)) ?? (candidates[0] as string);
+})();
 
 /**
  * The parent's side: runs `blkd argv` as the daemon and waits until it is up (→ 0) or gone (→ 1).

@@ -38,13 +38,26 @@ const LOADERS: readonly (readonly [string, (ctx: LoaderContext) => Promise<AnyDr
   ],
   [
     "qcow2",
-    async () => {
-      const { qcow2Driver } = await import("@blk/drivers/qcow2");
+    async ({ state }) => {
+      const { qcow2Driver, Qcow2State } = await import("@blk/drivers/qcow2");
       return {
         ...qcow2Driver,
-        // The daemon opens the header's backing file itself when `backing` is absent (withHeaderBacking),
-        // so a qcow2 node opened without a backing child was asked for `backing: null`.
-        open: (o, ctx) => qcow2Driver.open(ctx.children.has("backing") ? o : { ...o, backing: null }, ctx),
+        open: async (o, ctx) => {
+          // The daemon opens the header's backing file itself when `backing` is absent (withHeaderBacking),
+          // so a qcow2 node opened without a backing child was asked for `backing: null`.
+          const s = await qcow2Driver.open(ctx.children.has("backing") ? o : { ...o, backing: null }, ctx);
+          // Metadata found corrupt at run time: QEMU's event (qsd has no named devices: `device` is "").
+          // The driver does not report the offset and size of the bad metadata: they are left out.
+          if (state !== undefined && s instanceof Qcow2State)
+            s.onCorruption = (e) =>
+              state.emit("BLOCK_IMAGE_CORRUPTED", {
+                device: "",
+                "node-name": ctx.nodeName,
+                msg: e.message,
+                fatal: e.fatal,
+              });
+          return s;
+        },
       } satisfies typeof qcow2Driver;
     },
   ],

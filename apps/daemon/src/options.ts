@@ -10,7 +10,6 @@ import {
   parseOptionArgument,
   QSD_IMPLIED_KEYS,
 } from "@blk/qmp";
-import { THROTTLE_GROUP_X_PROPERTIES } from "@blk/throttle";
 import type { DaemonState } from "./context.ts";
 import { generic } from "./errors.ts";
 
@@ -119,9 +118,12 @@ async function applyMonitor(t: OptionTarget, arg: string): Promise<void> {
   t.log.info("monitor listening", { chardev, ...addr });
 }
 
-function objectHelp(types: readonly string[], type: string | undefined): string {
+async function objectHelp(types: readonly string[], type: string | undefined): Promise<string> {
   if (type === undefined) return `List of user creatable objects:\n${types.map((t) => `  ${t}\n`).join("")}`;
   if (!types.includes(type)) throw generic(`invalid object type: ${type}`);
+  // @blk/throttle is imported by the objects module anyway; not at startup (a command line without
+  // --object does not need it).
+  const { THROTTLE_GROUP_X_PROPERTIES } = await import("@blk/throttle");
   const lines = ["  limits=<ThrottleLimits>", ...THROTTLE_GROUP_X_PROPERTIES.map((p) => `  ${p}=<int>`)];
   return `${type} options:\n${lines.join("\n")}\n`;
 }
@@ -142,7 +144,8 @@ async function applyObject(t: OptionTarget, arg: string): Promise<void> {
   } else {
     const r = parseKeyvalWithHelp(arg, { impliedKey: QSD_IMPLIED_KEYS.object });
     const type = r.value["qom-type"];
-    if (r.help) throw new OptionHelp(objectHelp(OBJECT_TYPES, typeof type === "string" ? type : undefined));
+    if (r.help)
+      throw new OptionHelp(await objectHelp(OBJECT_TYPES, typeof type === "string" ? type : undefined));
     value = r.value;
   }
   objectAdd(t, ObjectAddArgs.parse(value));

@@ -2,10 +2,12 @@
 import { existsSync, readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 
-/** The committed bin shim (runs dist/main.js). */
-export const BLKD = fileURLToPath(new URL("../bin/blkd.js", import.meta.url));
+/** The committed bin shim, the package's `blkd` (runs dist/bundle/ when it is up to date, else dist/main.js). */
+export const BLKD = fileURLToPath(new URL("../bin/blkd.cjs", import.meta.url));
 /** True when dist/ is built (the bin needs it). */
 export const BUILT = existsSync(fileURLToPath(new URL("../dist/main.js", import.meta.url)));
+/** The bundle's manifest (`pnpm build` writes it after `tsc -b`). */
+export const BUNDLE_MANIFEST = fileURLToPath(new URL("../dist/bundle/manifest.json", import.meta.url));
 
 /** True while process `pid` exists (zombies of other parents count as gone). */
 export function alive(pid: number): boolean {

@@ -95,7 +95,8 @@ describe.skipIf(missing.length > 0)("NBD exports", { tags: ["qemu"] }, () => {
           "--pidfile",
           pid,
         ],
-        { timeoutMs: 30_000, ready: () => existsSync(pid) },
+        // The file appears (locked) before the pid is written in it, as QEMU's.
+        { timeoutMs: 30_000, ready: () => existsSync(pid) && /^\d+\n$/.test(readFileSync(pid, "utf8")) },
       );
       expect(readFileSync(pid, "utf8").trim()).toBe(String(peer.pid));
       await waitForPath(sock);

@@ -84,6 +84,17 @@ describe("throttle-group objects (transcripts §3, §10)", () => {
       class: "DeviceNotFound",
       desc: "Device '/objects/nosuch' not found",
     });
+    // QOM paths as QEMU 7.2 resolves them: partial paths, empty components skipped.
+    for (const path of ["tg0", "objects/tg0", "/objects//tg0", "//objects/tg0", "/objects/tg0/", "tg0/"])
+      expect(await s.qmp.execute("qom-get", { path, property: "x-iops-total" }), path).toBe(100);
+    for (const path of ["/tg0", "bjects/tg0", "/objects/../objects/tg0", ""])
+      expect(await s.error("qom-get", { path, property: "x-iops-total" }), path).toEqual({
+        class: "DeviceNotFound",
+        desc: `Device '${path}' not found`,
+      });
+    expect(await s.qmp.execute("qom-list", { path: "objects" })).toEqual(
+      await s.qmp.execute("qom-list", { path: "/objects" }),
+    );
 
     await s.qmp.execute("blockdev-add", { driver: "null-co", "node-name": "a" });
     await s.qmp.execute("blockdev-add", {

@@ -157,19 +157,32 @@ it("refuses with QEMU's messages", async () => {
   expect(await s.error("blockdev-snapshot", { node: "nope", overlay: "p" })).toEqual(
     generic("Cannot find device='nope' nor node-name='nope'"),
   );
-  expect(await s.error("blockdev-snapshot", { node: "disk", overlay: "nope" })).toEqual(
+  // A backing node is blocked for snapshots before anything else is looked at (qsd 7.2).
+  for (const overlay of ["nope", "o", "p"])
+    expect(await s.error("blockdev-snapshot", { node: "disk", overlay })).toEqual(
+      generic("Node 'disk' is busy: node is used as backing hd of 'o'"),
+    );
+  expect(
+    await s.error("blockdev-snapshot-sync", {
+      "node-name": "disk",
+      "snapshot-file": file,
+      "snapshot-node-name": "x",
+    }),
+  ).toEqual(generic("Node 'disk' is busy: node is used as backing hd of 'o'"));
+  await qmp.execute("blockdev-add", { driver: "null-co", "node-name": "b" });
+  expect(await s.error("blockdev-snapshot", { node: "b", overlay: "nope" })).toEqual(
     generic("Cannot find device='nope' nor node-name='nope'"),
   );
-  expect(await s.error("blockdev-snapshot", { node: "disk", overlay: "o" })).toEqual(
+  expect(await s.error("blockdev-snapshot", { node: "b", overlay: "o" })).toEqual(
     generic("The overlay already has a backing image"),
   );
   await qmp.execute("blockdev-add", { driver: "null-co", "node-name": "n" });
-  expect(await s.error("blockdev-snapshot", { node: "disk", overlay: "n" })).toEqual(
+  expect(await s.error("blockdev-snapshot", { node: "b", overlay: "n" })).toEqual(
     generic("The overlay does not support backing images"),
   );
   await qmp.execute("nbd-server-start", { addr: { type: "unix", data: { path: s.dir.join("nbd.sock") } } });
   await qmp.execute("block-export-add", { type: "nbd", id: "e", "node-name": "p" });
-  expect(await s.error("blockdev-snapshot", { node: "disk", overlay: "p" })).toEqual(
+  expect(await s.error("blockdev-snapshot", { node: "b", overlay: "p" })).toEqual(
     generic("The overlay is already in use"),
   );
 });

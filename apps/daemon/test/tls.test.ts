@@ -70,6 +70,7 @@ describe.skipIf(missing.length > 0)("TLS credentials objects", { timeout: 60_000
       generic("attempt to add duplicate property 'x0' to object (type 'container')"),
     );
     expect(await s.qmp.execute("qom-list", { path: "/objects" })).toEqual([
+      { name: "type", type: "string" },
       { name: "tg0", type: "child<throttle-group>" },
       { name: "psk0", type: "child<tls-creds-psk>" },
       { name: "pskc", type: "child<tls-creds-psk>" },

@@ -16,7 +16,6 @@ import {
 import type { DaemonState, ExportEntry } from "../context.ts";
 import { generic, qmpErrors } from "../errors.ts";
 import { lookupNode } from "./lookup.ts";
-import { tlsCredsObjects } from "./objects.ts";
 
 /** What `--nbd-server` and `nbd-server-start` both come down to (flat address). */
 export interface NbdServerConfig {
@@ -40,7 +39,9 @@ function listenAddress(addr: SocketAddress): NbdListenAddress {
 export async function nbdServerStart(state: DaemonState, config: NbdServerConfig): Promise<void> {
   if (state.nbd !== undefined) throw generic("NBD server already running");
   const tlsId = config["tls-creds"];
-  const creds = tlsId === undefined ? undefined : tlsCredsObjects(state).get(tlsId)?.creds;
+  // The objects module (TLS, throttle groups) is imported only when credentials are named.
+  const creds =
+    tlsId === undefined ? undefined : (await import("./objects.ts")).tlsCredsObjects(state).get(tlsId)?.creds;
   if (tlsId !== undefined && creds === undefined) throw generic(`No TLS credentials with id '${tlsId}'`);
   if (creds !== undefined && creds.endpoint !== "server")
     throw generic("Expected TLS credentials for a server endpoint");
@@ -104,12 +105,8 @@ export function blockExportAdd(state: DaemonState, args: BlockExportOptions): Ex
   const name = args.name ?? args["node-name"];
   if (args.description !== undefined && Buffer.byteLength(args.description) > 4096)
     throw generic("description '…' too long");
-  const bitmaps = (args.bitmaps ?? []).map((b) => {
-    if (typeof b === "string") return b;
-    if (b.node !== args["node-name"])
-      throw generic(`Bitmap '${b.name}' is not on node '${args["node-name"]}'`);
-    return b.name;
-  });
+  // Names are looked up down the node's chain, `{node, name}` on any node (NbdExport, QEMU's rules).
+  const bitmaps = args.bitmaps ?? [];
   const exp = (() => {
     try {
       return nbd.addExport({

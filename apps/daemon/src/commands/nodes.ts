@@ -14,14 +14,21 @@ import {
   PERM,
   PERM_ALL,
 } from "@blk/core";
-import { parseHeader, QCOW2_MAGIC, resolveBackingFilename } from "@blk/drivers/qcow2";
+import type { parseHeader } from "@blk/drivers/qcow2";
 import { type CommandDefinition, defineCommand, encodeQmpJson, q, qdictKeyOrder } from "@blk/qmp";
 import type { DaemonState } from "../context.ts";
 import { generic, qmpErrors } from "../errors.ts";
+import { nodesNewestFirst, recordCreation } from "./creation-order.ts";
 import { lookupNode } from "./lookup.ts";
 
 /** `blockdev-add` arguments, validated with QEMU's wording (also what `--blockdev` produces). */
 export const BlockdevAddArgs: typeof CoreBlockdevOptions = CoreBlockdevOptions;
+
+/**
+ * "QFI\xfb", the first four bytes of a qcow2 image. The qcow2 driver (a large module) is imported only
+ * once a file has them: a command line without qcow2 images does not load it.
+ */
+const QCOW2_MAGIC = 0x514649fb;
 
 /** The first cluster of a qcow2 file (up to 2 MiB), or undefined when it is not a readable qcow2 image. */
 async function qcow2HeaderOf(filename: string): Promise<ReturnType<typeof parseHeader> | undefined> {
@@ -36,6 +43,7 @@ async function qcow2HeaderOf(filename: string): Promise<ReturnType<typeof parseH
     const cluster = bits >= 9 && bits <= 21 ? 2 ** bits : 4096;
     const c0 = Buffer.alloc(Math.max(cluster, 4096));
     await fh.read(c0, 0, c0.length, 0);
+    const { parseHeader } = await import("@blk/drivers/qcow2");
     return parseHeader(c0, size);
   } catch {
     return undefined;
@@ -87,6 +95,7 @@ async function withHeaderBacking(
   if (filename === undefined) return out;
   const header = await qcow2HeaderOf(filename);
   if (header?.backingFile === undefined) return out;
+  const { resolveBackingFilename } = await import("@blk/drivers/qcow2");
   const backingName = resolveBackingFilename(filename, header.backingFile);
   const format = header.backingFormat ?? ((await isQcow2(backingName)) ? "qcow2" : "raw");
   out.backing = await withHeaderBacking(
@@ -133,41 +142,6 @@ async function blockdevDel(state: DaemonState, nodeName: string): Promise<void> 
 
 // ------------------------------------------------------------------------------------------------
 // query-named-block-nodes
-
-/** Nodes in QEMU's creation order, per graph (see {@link recordCreation}). */
-const creationOrder = new WeakMap<object, BlockNode[]>();
-
-/**
- * Records the nodes a `blockdev-add` created in the order QEMU would have opened them: a node's `file`
- * (and other non-backing) children first, then the node, then its `backing` chain (QEMU opens the backing
- * after the node; blk must open it before). `query-named-block-nodes` lists nodes newest first by this order.
- */
-function recordCreation(graph: BlockGraphLike, root: BlockNode): void {
-  const order = creationOrder.get(graph) ?? [];
-  creationOrder.set(graph, order);
-  const known = new Set(order);
-  const visit = (n: BlockNode): void => {
-    if (known.has(n)) return;
-    known.add(n);
-    for (const [name, e] of n.children) if (name !== "backing") visit(e.child);
-    order.push(n);
-    const b = n.children.get("backing");
-    if (b !== undefined) visit(b.child);
-  };
-  visit(root);
-}
-
-type BlockGraphLike = DaemonState["graph"];
-
-/** The graph's nodes newest first, in QEMU's creation order where blkd knows it. */
-function nodesNewestFirst(graph: BlockGraphLike): BlockNode[] {
-  const live = graph.list();
-  const order = (creationOrder.get(graph) ?? []).filter((n) => graph.find(n.nodeName) === n);
-  creationOrder.set(graph, order);
-  const known = new Set(order);
-  const others = live.filter((n) => !known.has(n));
-  return [...others, ...[...order].reverse()];
-}
 
 /** An object with its keys in QEMU's QDict order, recursively (how QEMU prints `json:` filenames). */
 function qdictOrdered(v: unknown): unknown {
@@ -264,6 +238,7 @@ async function imageInfo(node: BlockNode, flat: boolean): Promise<Record<string,
   }
   if (header?.backingFile !== undefined) {
     image["backing-filename"] = header.backingFile;
+    const { resolveBackingFilename } = await import("@blk/drivers/qcow2");
     image["full-backing-filename"] = resolveBackingFilename(image.filename as string, header.backingFile);
     if (header.backingFormat !== undefined) image["backing-filename-format"] = header.backingFormat;
   }
@@ -286,7 +261,8 @@ async function blockDeviceInfo(node: BlockNode, flat: boolean): Promise<Record<s
     "node-name": node.nodeName,
     ro: node.readOnly,
     drv: node.driver.format,
-    backing_file_depth: backingDepth(node),
+    // QEMU counts the chain only while it walks it, which a flat answer does not.
+    backing_file_depth: flat ? 0 : backingDepth(node),
     encrypted: false,
     detect_zeroes: o.detectZeroes,
     bps: 0,

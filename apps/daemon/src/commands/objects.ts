@@ -56,6 +56,33 @@ export function tlsCredsLookup(state: DaemonState): { get(id: string): TlsCreds 
   return { get: (id) => tlsCredsObjects(state).get(id)?.creds };
 }
 
+/**
+ * QOM properties of a throttle group, in QEMU 7.2's `qom-list` order (that of its property table; after
+ * `type`): `limits` and the 19 `x-` integers.
+ */
+const THROTTLE_GROUP_PROPS: readonly string[] = [
+  "x-bps-write-max-length",
+  "x-iops-total-max-length",
+  "x-iops-size",
+  "limits",
+  "x-bps-total",
+  "x-iops-read-max-length",
+  "x-bps-write",
+  "x-iops-write-max-length",
+  "x-bps-read-max",
+  "x-iops-read-max",
+  "x-bps-total-max",
+  "x-bps-read-max-length",
+  "x-iops-read",
+  "x-bps-read",
+  "x-bps-write-max",
+  "x-iops-total-max",
+  "x-iops-total",
+  "x-iops-write",
+  "x-bps-total-max-length",
+  "x-iops-write-max",
+];
+
 /** QOM properties of the TLS credentials types, in QEMU 7.2's `qom-list` order (after `type`). */
 const TLS_PROPS: Record<TlsCredsObject["type"], readonly (readonly [string, string])[]> = {
   "tls-creds-psk": [
@@ -191,9 +218,29 @@ export function objectAdd(state: DaemonState, args: ObjectAddArgs): DaemonObject
   return obj;
 }
 
+/**
+ * A QOM path's components, as QEMU walks them (empty ones skipped: `//objects/tg0/` is `/objects/tg0`), and
+ * whether it is absolute. A partial path (no leading `/`) names what its components end, anywhere in the
+ * tree: `tg0` and `objects/tg0` are `/objects/tg0`.
+ */
+function qomPath(path: string): { absolute: boolean; parts: string[] } {
+  return { absolute: path.startsWith("/"), parts: path.split("/").filter((p) => p !== "") };
+}
+
+/** True when `path` names the `/objects` container. */
+function isObjectsContainer(path: string): boolean {
+  const { parts } = qomPath(path);
+  return parts.length === 1 && parts[0] === "objects";
+}
+
 function objectAt(state: DaemonState, path: string): DaemonObject | TlsCredsObject {
-  const m = /^\/objects\/([^/]+)$/.exec(path);
-  const id = m?.[1];
+  const { absolute, parts } = qomPath(path);
+  const id =
+    parts.length === 2 && parts[0] === "objects"
+      ? parts[1]
+      : !absolute && parts.length === 1
+        ? parts[0]
+        : undefined;
   const obj = id === undefined ? undefined : (state.objects.get(id) ?? tlsCredsObjects(state).get(id));
   if (obj === undefined) throw new QmpError("DeviceNotFound", `Device '${path}' not found`);
   return obj;
@@ -268,11 +315,16 @@ export function objectCommands(state: DaemonState): CommandDefinition<never, unk
       name: "qom-list",
       args: ListArgs,
       handler: (args) => {
-        if (args.path === "/objects" || args.path === "/objects/") {
-          return [...state.objects.values(), ...tlsCredsObjects(state).values()].map((o) => ({
-            name: o.id,
-            type: `child<${o.type}>`,
-          }));
+        if (isObjectsContainer(args.path)) {
+          // The container's own `type`, then its children (QEMU lists them in its hash table's order,
+          // blkd in creation order, throttle groups first).
+          return [
+            { name: "type", type: "string" },
+            ...[...state.objects.values(), ...tlsCredsObjects(state).values()].map((o) => ({
+              name: o.id,
+              type: `child<${o.type}>`,
+            })),
+          ];
         }
         const obj = objectAt(state, args.path);
         if (isTls(obj))
@@ -282,7 +334,10 @@ export function objectCommands(state: DaemonState): CommandDefinition<never, unk
           ];
         return [
           { name: "type", type: "string" },
-          { name: "limits", type: "ThrottleLimits" },
+          ...THROTTLE_GROUP_PROPS.map((name) => ({
+            name,
+            type: name === "limits" ? "ThrottleLimits" : "int",
+          })),
         ];
       },
     }),

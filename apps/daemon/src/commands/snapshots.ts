@@ -11,12 +11,13 @@
  * The overlay must have no parents at all (QEMU only refuses BlockBackends).
  */
 import type { BlockDriver, BlockNode, OpenNodeOptions } from "@blk/core";
-import { backendParent, PERM_ALL } from "@blk/core";
+import { BlockNode as BlockNodeClass, backendParent, PERM_ALL } from "@blk/core";
 import { createQcow2 } from "@blk/drivers/qcow2";
 import { type CommandDefinition, defineCommand, q } from "@blk/qmp";
 import type { DaemonState } from "../context.ts";
 import { asQmpError, generic, qmpErrors } from "../errors.ts";
 import { nodeFileName, type PreparedAction, runAction } from "./actions.ts";
+import { recordCreation, replaceInCreationOrder } from "./creation-order.ts";
 import { lookupNode } from "./lookup.ts";
 
 const NewImageMode = q.enum(["existing", "absolute-paths"], { name: "NewImageMode" });
@@ -103,10 +104,23 @@ function takeOver(state: DaemonState, base: BlockNode, overlay: BlockNode, undo:
   } satisfies Omit<PreparedAction, "clean">;
 }
 
+/**
+ * QEMU blocks external snapshots of a node that is another node's backing child (its op blocker):
+ * `Node 'X' is busy: node is used as backing hd of 'PARENT'`.
+ */
+function checkNotBacking(node: BlockNode): void {
+  const edge = node.parents.find((e) => e.parent instanceof BlockNodeClass && e.name === "backing");
+  if (edge !== undefined)
+    throw generic(
+      `Node '${node.nodeName}' is busy: node is used as backing hd of '${(edge.parent as BlockNode).nodeName}'`,
+    );
+}
+
 /** `blockdev-snapshot-sync` as an action. */
 export async function prepareSnapshotSync(state: DaemonState, args: SyncArgs): Promise<PreparedAction> {
   const graph = state.graph;
   const base = lookupNode(state, args.device, args["node-name"]);
+  checkNotBacking(base);
   await flushBase(base);
   const format = args.format ?? "qcow2";
   const snapName = args["snapshot-node-name"];
@@ -153,6 +167,7 @@ export async function prepareSnapshotSync(state: DaemonState, args: SyncArgs): P
     await graph.delete(overlay, { force: true }).catch(() => {});
     throw asQmpError(e);
   }
+  recordCreation(graph, overlay);
   const dropOverlay = async (): Promise<void> => {
     if (!overlay.closed) await graph.delete(overlay, { force: true });
   };
@@ -198,12 +213,18 @@ async function reopenWithBacking(
           children: b === undefined ? { file } : { file, backing: b },
         },
       );
+    let reopened: BlockNode;
     try {
-      return await open(backing);
+      reopened = await open(backing);
     } catch (e) {
-      if (backing !== undefined) await open(undefined).catch(() => {});
+      if (backing !== undefined)
+        await open(undefined)
+          .then((n) => replaceInCreationOrder(graph, node, n))
+          .catch(() => {});
       throw asQmpError(e);
     }
+    replaceInCreationOrder(graph, node, reopened);
+    return reopened;
   } finally {
     hold.detach();
   }
@@ -213,6 +234,7 @@ async function reopenWithBacking(
 export async function prepareSnapshot(state: DaemonState, args: SnapArgs): Promise<PreparedAction> {
   const graph = state.graph;
   const base = lookupNode(state, args.node, args.node);
+  checkNotBacking(base);
   await flushBase(base);
   const old = lookupNode(state, args.overlay, args.overlay);
   if (old.parents.length > 0) throw generic("The overlay is already in use");
