@@ -2,7 +2,10 @@
  * One NBD export: a {@link BlockNode} attached under an unnamed BlockBackend parent (edge `root`, holding
  * consistent-read, plus write when writable, and sharing everything, as QEMU's block exports do), its
  * advertised flags and block sizes, and its metadata contexts with QEMU's fixed ids
- * (`base:allocation` 0, `qemu:allocation-depth` 1, `qemu:dirty-bitmap:NAME` 2 + i).
+ * (`base:allocation` 0, `qemu:allocation-depth` 1, `qemu:dirty-bitmap:NAME` 2 + i). A bitmap named
+ * alone is looked up on the exported node and then down its chain (through filters to their filtered
+ * child, through formats to their backing child — never a format's `file`), as QEMU 7.2 does; its
+ * context then reads that bitmap, with its own granularity and size.
  */
 import {
   BlkError,
@@ -35,8 +38,13 @@ export interface NbdExportOptions {
   description?: string;
   /** Allow writes (default false: the export is read-only). */
   writable?: boolean;
-  /** Names of dirty bitmaps of `node` exposed as `qemu:dirty-bitmap:NAME`. */
-  bitmaps?: readonly string[];
+  /**
+   * Dirty bitmaps exposed as `qemu:dirty-bitmap:NAME` (QEMU's `BlockDirtyBitmapOrStr`): a name is looked
+   * up on `node`, then down its filter/backing chain ({@link findChainBitmap}), and refused when enabled
+   * on a writable node of a read-only export; `{node, name}` names the node (any node of the graph) and
+   * skips that check. The same bitmap may be listed twice (two contexts of the same name), as in QEMU.
+   */
+  bitmaps?: readonly (string | NbdExportBitmap)[];
   /** Expose `qemu:allocation-depth`. */
   allocationDepth?: boolean;
   /**
@@ -48,6 +56,50 @@ export interface NbdExportOptions {
   multiConn?: boolean;
   /** Largest READ/WRITE payload advertised and accepted (default 32 MiB). */
   maxPayload?: number;
+}
+
+/** A bitmap of a given node (QEMU's `BlockDirtyBitmap`). */
+export interface NbdExportBitmap {
+  /** Node name, looked up in the exported node's graph. */
+  node: string;
+  name: string;
+}
+
+/**
+ * The bitmap `name` of `node` or of the first node down its chain that has one (QEMU's search through
+ * `bdrv_filter_or_cow_bs`): a filter leads to its filtered child, any other node to its backing child;
+ * a format's `file` (even raw's, which blk gives the filtered role) is not followed.
+ */
+export function findChainBitmap(node: BlockNode, name: string): DirtyBitmap | undefined {
+  for (let n: BlockNode | undefined = node; n !== undefined; ) {
+    const bm = n.getBitmap(name);
+    if (bm !== undefined) return bm;
+    n = n.driver.kind === "filter" ? n.filtered : n.backing;
+  }
+  return undefined;
+}
+
+/**
+ * QEMU 7.2's checks of an export's bitmaps, in its order and with its messages: lookup (`Bitmap 'X' is
+ * not found`; for `{node, name}`, `Node 'N' not found` / `Dirty bitmap 'X' not found`), then for a name
+ * an enabled bitmap on a writable node of a read-only export, then busy and inconsistent.
+ */
+function resolveBitmap(node: BlockNode, ref: string | NbdExportBitmap, readOnly: boolean): DirtyBitmap {
+  let bm: DirtyBitmap | undefined;
+  if (typeof ref === "string") {
+    bm = findChainBitmap(node, ref);
+    if (bm === undefined) throw new BlkError("ENOENT", `Bitmap '${ref}' is not found`);
+    if (readOnly && !bm.node.readOnly && bm.enabled) {
+      throw new BlkError("EINVAL", `Enabled bitmap '${ref}' incompatible with readonly export`);
+    }
+  } else {
+    const owner = node.graph.find(ref.node);
+    if (owner === undefined) throw new BlkError("ENOENT", `Node '${ref.node}' not found`);
+    bm = owner.getBitmap(ref.name);
+    if (bm === undefined) throw new BlkError("ENOENT", `Dirty bitmap '${ref.name}' not found`);
+  }
+  bm.check("allow-ro");
+  return bm;
 }
 
 /** A metadata context an export offers. */
@@ -98,6 +150,10 @@ export class NbdExport {
   /** @internal Use {@link NbdServer.addExport}. @throws {BlkError} */
   constructor(options: NbdExportOptions) {
     const node = options.node;
+    // QEMU's generic export layer refuses this before any NBD option is looked at.
+    if (options.writable === true && node.readOnly) {
+      throw new BlkError("EPERM", "Cannot export read-only node as writable");
+    }
     const name = options.name ?? node.nodeName;
     if (utf8.encode(name).length > NBD_MAX_STRING) {
       throw new BlkError("EINVAL", "export name too long");
@@ -118,19 +174,14 @@ export class NbdExport {
     if (options.allocationDepth === true) {
       contexts.push({ id: 1, name: META_QEMU_ALLOCATION_DEPTH, kind: "allocation-depth" });
     }
+    // All are checked before any is marked busy, so a bitmap listed twice passes (QEMU allows it).
     const bitmaps: DirtyBitmap[] = [];
-    for (const [i, bname] of (options.bitmaps ?? []).entries()) {
-      const bm = node.getBitmap(bname);
-      if (bm === undefined) throw new BlkError("ENOENT", `Bitmap '${bname}' is not found`);
-      bm.check("allow-ro");
-      if (!this.writable && !node.readOnly && bm.enabled) {
-        throw new BlkError("EINVAL", `Enabled bitmap '${bname}' incompatible with readonly export`);
-      }
-      if (bitmaps.includes(bm)) throw new BlkError("EINVAL", `Bitmap '${bname}' is exported twice`);
+    for (const [i, ref] of (options.bitmaps ?? []).entries()) {
+      const bm = resolveBitmap(node, ref, !this.writable);
       bitmaps.push(bm);
       contexts.push({
         id: 2 + i,
-        name: META_QEMU_DIRTY_BITMAP_PREFIX + bname,
+        name: META_QEMU_DIRTY_BITMAP_PREFIX + (typeof ref === "string" ? ref : ref.name),
         kind: "dirty-bitmap",
         bitmap: bm,
       });
@@ -179,13 +230,16 @@ export class NbdExport {
 
   /**
    * Contexts matching a LIST (`list` true) or SET query. Unknown namespaces and leaves match nothing;
-   * in LIST, `base:`, `qemu:` and `qemu:dirty-bitmap:` are wildcards.
+   * in LIST, `base:`, `qemu:` and `qemu:dirty-bitmap:` are wildcards. A full name matches its first
+   * context only (a bitmap exported twice answers with its first id, as QEMU's server does).
    */
   matchContexts(query: string, list: boolean): NbdMetaContext[] {
     const out: NbdMetaContext[] = [];
     for (const c of this.contexts) {
-      if (c.name === query) out.push(c);
-      else if (list && (query === "base:" || query === "qemu:") && c.name.startsWith(query)) out.push(c);
+      if (c.name === query) {
+        out.push(c);
+        break;
+      } else if (list && (query === "base:" || query === "qemu:") && c.name.startsWith(query)) out.push(c);
       else if (list && query === META_QEMU_DIRTY_BITMAP_PREFIX && c.kind === "dirty-bitmap") out.push(c);
     }
     return out;
