@@ -10,11 +10,13 @@
 //
 //   node tooling/bench/qcow2-write.mjs                 (after `pnpm build`; needs qemu-img and qemu-io)
 //   BLK_BENCH_SIZE_MIB=1024 BLK_BENCH_ROUNDS=5 node tooling/bench/qcow2-write.mjs
+//   BLK_BENCH_BASELINE=/path/to/other/checkout …   (also time that checkout's built driver, e.g. before a
+//                                                   change: its packages/drivers/dist/qcow2/index.js)
 import { spawnSync } from "node:child_process";
 import { copyFileSync, existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
-import { fileURLToPath } from "node:url";
+import { fileURLToPath, pathToFileURL } from "node:url";
 import { openQcow2 } from "@blk/drivers/qcow2";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
@@ -32,6 +34,14 @@ for (const p of ["qemu-img", "qemu-io"]) {
     process.exit(2);
   }
 }
+const baselineRoot = process.env.BLK_BENCH_BASELINE;
+const baselineOpen =
+  baselineRoot === undefined
+    ? undefined
+    : /** @type {typeof openQcow2} */ (
+        (await import(pathToFileURL(join(baselineRoot, "packages/drivers/dist/qcow2/index.js")).href))
+          .openQcow2
+      );
 const dir = mkdtempSync(join(tmpdir(), "blk-qcow2-wbench-"));
 process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
 for (const sig of ["SIGINT", "SIGTERM"]) process.on(sig, () => process.exit(130));
@@ -85,8 +95,8 @@ function qemu(p, image) {
  * Seconds blk takes for the same writes (queue depth 16). As qemu-img bench's "Run completed" time, the
  * final flush and close are not counted.
  */
-async function blk(p, image) {
-  const img = await openQcow2(image, { writable: true });
+async function blk(p, image, open = openQcow2) {
+  const img = await open(image, { writable: true });
   let next = 0;
   const data = new Uint8Array(p.bs).fill(0xab);
   const t = performance.now();
@@ -112,14 +122,16 @@ const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const rate = (p, secs) => (p.unit === "MB/s" ? (p.count * p.bs) / MiB / secs : p.count / secs);
 console.log(`qcow2 write benchmark: ${sizeMiB} MiB image, ${rounds} alternating rounds, medians`);
 console.log(
-  `${"pattern".padEnd(32)}${"qemu-img bench".padStart(16)}${"blk".padStart(12)}${"blk/qemu".padStart(10)}`,
+  `${"pattern".padEnd(32)}${"qemu-img bench".padStart(16)}${"blk".padStart(12)}${"blk/qemu".padStart(10)}${
+    baselineOpen === undefined ? "" : `${"baseline".padStart(12)}${"base/qemu".padStart(10)}`
+  }`,
 );
 for (const [label, pristine] of [
   ["empty", empty],
   ["dense", dense],
 ]) {
   for (const p of patterns) {
-    const res = { q: [], b: [] };
+    const res = { q: [], b: [], base: [] };
     let n = 0;
     const fresh = () => {
       const f = join(dir, `run-${n++}.qcow2`);
@@ -137,10 +149,18 @@ for (const [label, pristine] of [
         res.b.push(rate(p, await blk(p, f)));
         rmSync(f);
       };
+      const runBase = async () => {
+        if (baselineOpen === undefined) return;
+        const f = fresh();
+        res.base.push(rate(p, await blk(p, f, baselineOpen)));
+        rmSync(f);
+      };
       if (round % 2 === 0) {
         runQ();
         await runB();
+        await runBase();
       } else {
+        await runBase();
         await runB();
         runQ();
       }
@@ -148,8 +168,12 @@ for (const [label, pristine] of [
     const q = median(res.q);
     const b = median(res.b);
     const name = `${p.name} (${label}) ${p.unit}`;
+    const base =
+      baselineOpen === undefined
+        ? ""
+        : `${median(res.base).toFixed(0).padStart(12)}${`${(median(res.base) / q).toFixed(2)}x`.padStart(10)}`;
     console.log(
-      `${name.padEnd(32)}${q.toFixed(0).padStart(16)}${b.toFixed(0).padStart(12)}${`${(b / q).toFixed(2)}x`.padStart(10)}`,
+      `${name.padEnd(32)}${q.toFixed(0).padStart(16)}${b.toFixed(0).padStart(12)}${`${(b / q).toFixed(2)}x`.padStart(10)}${base}`,
     );
   }
 }

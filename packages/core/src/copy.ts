@@ -81,6 +81,15 @@ export interface CopyEngineOptions {
    */
   inOrderWrites?: boolean;
   /**
+   * With `inOrderWrites`: lets the next chunk start writing before this one's write has finished, once the
+   * target has placed it. Called with a chunk's range right after its write (one data write covering the
+   * whole chunk) was started and that write's promise; resolves once the target has decided where the
+   * range goes, so that a write started afterwards cannot be placed before it (a qcow2 target: host
+   * clusters assigned, `Qcow2State.whenPlaced`), or when `written` settles. Without it (or for chunks of
+   * several writes), the next chunk waits for this one to finish writing.
+   */
+  writePlaced?: (offset: number, bytes: number, written: Promise<void>) => Promise<void>;
+  /**
    * Allocates the chunk buffers (each `chunkSize` bytes, reused from chunk to chunk): e.g. page-aligned
    * ones, which the kernel copies to and from files faster (the file driver's `alignedBuffer`). Default
    * `new Uint8Array`.
@@ -126,7 +135,10 @@ interface Segment {
   kind: Kind;
 }
 
-/** A chunk's place in the write order (`inOrderWrites`): `turn` settles when the chunks before it wrote. */
+/**
+ * A chunk's place in the write order (`inOrderWrites`): `turn` settles when the chunks before it wrote (or
+ * were placed, see `writePlaced`); `release` gives the next chunk its turn.
+ */
 interface WriteTurn {
   readonly turn: Promise<void>;
   readonly release: () => void;
@@ -408,7 +420,7 @@ export class CopyEngine {
       for (const seg of segments) if (seg.kind !== "skip") work += seg.length;
       planned?.(work);
       planned = undefined;
-      for (const seg of segments) await this.#segment(seg, p, order);
+      for (const seg of segments) await this.#segment(seg, p, order, segments.length === 1);
       result.copied += p.copied;
       result.zeroed += p.zeroed;
       result.skipped += p.skipped;
@@ -434,7 +446,8 @@ export class CopyEngine {
     }
   }
 
-  async #segment(seg: Segment, p: CopyProgress, order?: WriteTurn): Promise<void> {
+  /** Does one segment of a chunk; `whole`: it is the chunk's only segment. */
+  async #segment(seg: Segment, p: CopyProgress, order: WriteTurn | undefined, whole: boolean): Promise<void> {
     const { source, target } = this.options;
     if (seg.kind === "skip") {
       p.skipped += seg.length;
@@ -472,6 +485,34 @@ export class CopyEngine {
           ? zeroRuns(buf, this.options.bitmap.granularity)
           : [{ start: 0, end: buf.length, zero: false }];
       await myTurn();
+      const placed = this.options.writePlaced;
+      if (
+        order !== undefined &&
+        placed !== undefined &&
+        whole &&
+        runs.length === 1 &&
+        runs[0]?.zero === false
+      ) {
+        // One write for the whole chunk: the next chunk's turn comes once the target has placed it.
+        const written = target.write(seg.offset, buf);
+        // Awaited below; handled now so that a failure while waiting for the placement is not unhandled.
+        written.catch(() => {});
+        try {
+          await placed(seg.offset, seg.length, written);
+        } catch {
+          // Placement unknown: the next chunk waits for this write, as without the hook.
+          await written.catch(() => {});
+        }
+        order.release();
+        try {
+          await written;
+        } catch (e) {
+          throw new ChunkFailure("write", toBlkError(e));
+        }
+        p.copied += seg.length;
+        this.#giveBuffer(buf);
+        return;
+      }
       for (const r of runs) {
         try {
           if (r.zero) await target.writeZeroes(seg.offset + r.start, r.end - r.start, { mayUnmap });

@@ -264,17 +264,30 @@ export async function convert(args: readonly string[], ctx: Context): Promise<nu
           }
           // Offload starts below a plain raw node, at its file (reads and block status are the same there).
           const from = copyRange ? offloadEnd(src.node) : { node: src.node };
+          // A qcow2 target decides where a write's clusters go before its data is written: the next
+          // chunk's write may start then and still land after it (guest order, as without -W).
+          const placer = dst.node.state as {
+            whenPlaced?: (offset: number, until: Promise<unknown>) => Promise<void>;
+          };
+          const at = base;
+          const writePlaced =
+            typeof placer.whenPlaced === "function"
+              ? (offset: number, bytes: number, written: Promise<void>): Promise<void> =>
+                  placer.whenPlaced?.(at + offset + bytes - 1, written) ?? written
+              : undefined;
           const engine = new CopyEngine({
             source: from.via ?? from.node,
             target: win.edge,
             bitmap: work,
             maxWorkers: workers,
             chunkSize: 2 << 20,
-            status: sparse === 0 || compress ? "none" : hasChain(src.node) ? "chain" : "node",
+            // With a target that reads as zeroes, block status was asked above: what is left is data.
+            status: zeroInit || sparse === 0 || compress ? "none" : hasChain(src.node) ? "chain" : "node",
             detectZeroBuffers: false,
             copyOffload: copyRange,
             // Without -W, chunks write in guest order (a qcow2 target then lays its clusters out so).
             inOrderWrites: !outOfOrder,
+            ...(writePlaced === undefined ? {} : { writePlaced }),
             // Page-aligned chunk buffers: the kernel copies them to and from files faster.
             allocBuffer: (n) => alignedBuffer(n),
             zeroes: "unmap",

@@ -217,6 +217,8 @@ export class Qcow2State extends BlockDriverBase {
    * lock): each promise settles once the cluster's entry is linked (or the batch failed).
    */
   readonly #inflight = new Map<number, Promise<void>>();
+  /** {@link Qcow2State.whenPlaced} callers waiting for a guest cluster to get its host cluster. */
+  readonly #placeWaiters = new Map<number, (() => void)[]>();
   /**
    * Refcount increments of the pending entries' clusters made in memory but not written yet: byte range
    * `[from, to)` of each refcount block (by reftable index). #flushPending writes them before its flush.
@@ -232,6 +234,8 @@ export class Qcow2State extends BlockDriverBase {
   #freeByteOffset = 0;
   /** The first modifying request's header update (unknown autoclear bits cleared), once. */
   #prepared: Promise<void> | undefined;
+  /** #prepared has succeeded (requests skip awaiting it). */
+  #isPrepared = false;
 
   /** @internal Use the qcow2 driver's `open`. */
   constructor(init: Qcow2StateInit) {
@@ -330,7 +334,8 @@ export class Qcow2State extends BlockDriverBase {
     return b;
   }
 
-  async #l2Table(l2Offset: number): Promise<DataView> {
+  /** The L2 table at `l2Offset` through the cache (a plain function: a hit costs no extra promise). */
+  #l2Table(l2Offset: number): Promise<DataView> {
     const c = this.#cache;
     const hit = c.get(l2Offset);
     if (hit !== undefined) {
@@ -654,6 +659,12 @@ export class Qcow2State extends BlockDriverBase {
       await this.#fileWrite(HEADER_AUTOCLEAR_AT, b);
       await this.#fileFlush();
     })();
+    void this.#prepared.then(
+      () => {
+        this.#isPrepared = true;
+      },
+      () => {},
+    );
     return this.#prepared;
   }
 
@@ -782,7 +793,7 @@ export class Qcow2State extends BlockDriverBase {
         c = await this.#findRun(1);
         index = Math.floor(c / per);
       }
-      const block = await this.#refblock(index);
+      const block = this.#refblocks.get(index) ?? (await this.#refblock(index));
       if (block === undefined) throw new BlkError("EIO", `qcow2: no refcount block for cluster ${hex(c)}`);
       const i = c - index * per;
       setRefcount(block, bits, i, 1);
@@ -1130,6 +1141,15 @@ export class Qcow2State extends BlockDriverBase {
     await this.#updateRefcounts(m);
   }
 
+  /** The L2 table of active L1 entry `l1Index` when it exists and is not shared (COPIED set), else 0. */
+  #ownedL2(l1Index: number): number {
+    const l1 = this.#activeL1;
+    if ((l1Index + 1) * 8 > l1.byteLength) return 0;
+    const hi = l1.getUint32(l1Index * 8);
+    if ((hi & L1E_COPIED_HI) === 0) return 0;
+    return (hi & OFFSET_MASK_HI) * 2 ** 32 + ((l1.getUint32(l1Index * 8 + 4) & OFFSET_MASK_LO) >>> 0);
+  }
+
   /**
    * The L2 table of L1 entry `l1Index`, allocated when absent (rule R2: refcount flushed, table written
    * and flushed, then the L1 entry written and flushed).
@@ -1210,6 +1230,7 @@ export class Qcow2State extends BlockDriverBase {
     let run = await this.mapRun(pos, data.length);
     if (run.type === SC.NORMAL && (run.entryHi & L2E_COPIED_HI) !== 0) {
       // Allocated meanwhile (and perhaps still pending): in place, as #plainWrite.
+      this.#placedRange(pos, run.bytes);
       await this.#fileWrite(run.host, data.subarray(0, run.bytes));
       return run.bytes;
     }
@@ -1217,6 +1238,7 @@ export class Qcow2State extends BlockDriverBase {
     run = await this.mapRun(pos, data.length);
     const copied = (run.entryHi & L2E_COPIED_HI) !== 0;
     if (run.type === SC.NORMAL && copied) {
+      this.#placedRange(pos, run.bytes);
       await this.#fileWrite(run.host, data.subarray(0, run.bytes));
       return run.bytes;
     }
@@ -1234,6 +1256,7 @@ export class Qcow2State extends BlockDriverBase {
     if (fresh && pos === start && count >= 1) {
       const hosts: number[] = [];
       for (let i = 0; i < count; i++) hosts.push(await this.#allocCluster(false));
+      this.#placedRange(pos, count * cs);
       if (!this.dirty) await this.#fileFlush();
       // Data, one write per host-contiguous stretch.
       let i = 0;
@@ -1267,6 +1290,7 @@ export class Qcow2State extends BlockDriverBase {
     } else {
       host = await this.#allocCluster();
     }
+    this.#placedRange(pos, n);
     await this.#fileWrite(host, buf);
     if (!whole || reuse) await this.#fileFlush();
     await this.#setL2Entry(l2Offset, l2Index, L2E_COPIED_HI | Math.floor(host / 2 ** 32), host >>> 0);
@@ -1292,6 +1316,7 @@ export class Qcow2State extends BlockDriverBase {
     }
     buf.set(data.subarray(0, n), pos - start);
     const host = await this.#allocCluster();
+    this.#placedRange(pos, n);
     await this.#fileWrite(host, buf);
     await this.#fileFlush();
     await this.#setL2Entry(l2Offset, l2Index, L2E_COPIED_HI | Math.floor(host / 2 ** 32), host >>> 0);
@@ -1303,7 +1328,7 @@ export class Qcow2State extends BlockDriverBase {
 
   protected override async _write(offset: number, data: Uint8Array, _flags: WriteFlags): Promise<void> {
     this.#checkWritable(offset);
-    await this.#prepare();
+    if (!this.#isPrepared) await this.#prepare();
     if (this.#compress) await this.#compressedWrite(offset, data);
     else await this.#plainWrite(offset, data);
   }
@@ -1325,6 +1350,7 @@ export class Qcow2State extends BlockDriverBase {
         const run = await this.mapRun(pos, total - done);
         if (run.type === SC.NORMAL && (run.entryHi & L2E_COPIED_HI) !== 0) {
           // Already allocated and not shared: in place, as long a run as the mapping is contiguous.
+          if (this.#placeWaiters.size > 0) this.#placedRange(pos, run.bytes);
           await this.#fileWrite(run.host, data.subarray(done, done + run.bytes));
           done += run.bytes;
           continue;
@@ -1357,16 +1383,19 @@ export class Qcow2State extends BlockDriverBase {
     return req.bytes ?? 0;
   }
 
-  /** Waits until no cluster of `[pos, end)` is being allocated by a committed batch. */
-  async #waitInflight(pos: number, end: number): Promise<void> {
-    if (this.#inflight.size === 0) return;
+  /**
+   * What to wait for until no cluster of `[pos, end)` is being allocated by a committed batch (undefined:
+   * nothing).
+   */
+  #waitInflight(pos: number, end: number): Promise<unknown> | undefined {
+    if (this.#inflight.size === 0) return undefined;
     const cs = this.clusterSize;
     const waits: Promise<void>[] = [];
     for (let c = Math.floor(pos / cs) * cs; c < end; c += cs) {
       const p = this.#inflight.get(c);
       if (p !== undefined) waits.push(p);
     }
-    if (waits.length > 0) await Promise.allSettled(waits);
+    return waits.length > 0 ? Promise.allSettled(waits) : undefined;
   }
 
   /** Waits until every committed batch has written its data and linked its entries. */
@@ -1395,10 +1424,11 @@ export class Qcow2State extends BlockDriverBase {
       try {
         if (batch.clusters.size >= 4 * MAX_BATCH_CLUSTERS) await commit();
         // A cluster another batch is still writing is allocated already: let that batch link it first.
-        await this.#waitInflight(
+        const busy = this.#waitInflight(
           req.pos,
           Math.min(req.pos + req.data.length, req.pos + MAX_BATCH_CLUSTERS * cs),
         );
+        if (busy !== undefined) await busy;
         const n = await this.#addToBatch(batch, req);
         if (n > 0) {
           req.bytes = n;
@@ -1433,9 +1463,10 @@ export class Qcow2State extends BlockDriverBase {
     const { pos, data } = req;
     const run = await this.mapRun(pos, data.length);
     if (run.type !== SC.UNALLOCATED_PLAIN && run.type !== SC.ZERO_PLAIN) return 0;
-    await this.#markDirty();
+    if ((this.header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0) await this.#markDirty();
     const { l1Index, l2Index, start } = this.#where(pos);
-    const l2Offset = await this.#ensureL2(l1Index);
+    // The table is usually there and owned (no await then).
+    const l2Offset = this.#ownedL2(l1Index) || (await this.#ensureL2(l1Index));
     const end = Math.min(pos + Math.min(run.bytes, data.length), start + MAX_BATCH_CLUSTERS * cs);
     for (let c = start, i = l2Index; c < end; c += cs, i++) {
       const from = Math.max(pos, c);
@@ -1447,7 +1478,9 @@ export class Qcow2State extends BlockDriverBase {
           e = { l2Offset, l2Index: i, buf: part, owned: false, cow: false };
         } else {
           const buf = new Uint8Array(cs);
-          if (run.type === SC.UNALLOCATED_PLAIN) await this.#readBacking(c, buf);
+          // A fresh buffer reads as zeroes already: only a backing file has anything to copy.
+          if (run.type === SC.UNALLOCATED_PLAIN && this.#backing !== undefined)
+            await this.#readBacking(c, buf);
           buf.set(part, from - c);
           e = { l2Offset, l2Index: i, buf, owned: true, cow: true };
         }
@@ -1475,6 +1508,7 @@ export class Qcow2State extends BlockDriverBase {
     const cs = this.clusterSize;
     const entries = [...batch.clusters];
     const hosts = await this.#allocPending(entries.length);
+    if (this.#placeWaiters.size > 0) for (const [guest] of entries) this.#placed(guest);
     const order = entries
       .map(([guest, e], k) => ({ guest, e, host: hosts[k] ?? 0 }))
       .sort((a, b) => a.host - b.host);
@@ -1497,14 +1531,7 @@ export class Qcow2State extends BlockDriverBase {
         await this.#fileWrite(host, view);
         // The L2 entries wait (in memory, where reads see them) for the flush that makes the refcounts
         // (R1) and the copied-on-write bytes (R3) stable: #flushPending.
-        for (const m of members) {
-          await this.#linkPending(
-            m.e.l2Offset,
-            m.e.l2Index,
-            (L2E_COPIED_HI | Math.floor(m.host / 2 ** 32)) >>> 0,
-            m.host >>> 0,
-          );
-        }
+        await this.#linkPendingAll(members);
       })();
       // Rejections reach the requests through `done`.
       const settled = done.then(
@@ -1526,24 +1553,80 @@ export class Qcow2State extends BlockDriverBase {
         const p = runOf.get(c);
         if (p !== undefined && !waits.includes(p)) waits.push(p);
       }
-      r.done = Promise.all(waits).then(() => {});
+      r.done = waits.length === 1 ? (waits[0] as Promise<void>) : Promise.all(waits).then(() => {});
     }
   }
 
-  /** Links L2 entry `index` of the table at `l2Offset` in memory (cached table patched), to be written later. */
-  async #linkPending(l2Offset: number, index: number, hi: number, lo: number): Promise<void> {
-    let t = this.#pendingL2.get(l2Offset);
-    if (t === undefined) {
-      t = new Map();
-      this.#pendingL2.set(l2Offset, t);
+  /** Links the L2 entries of a batch write's clusters in memory (one table lookup per table). */
+  async #linkPendingAll(
+    members: readonly { host: number; e: { l2Offset: number; l2Index: number } }[],
+  ): Promise<void> {
+    let table = -1;
+    let view: DataView | undefined;
+    for (const m of members) {
+      const { l2Offset, l2Index } = m.e;
+      const hi = (L2E_COPIED_HI | Math.floor(m.host / 2 ** 32)) >>> 0;
+      const lo = m.host >>> 0;
+      let t = this.#pendingL2.get(l2Offset);
+      if (t === undefined) {
+        t = new Map();
+        this.#pendingL2.set(l2Offset, t);
+      }
+      if (!t.has(l2Index)) this.#pendingCount++;
+      t.set(l2Index, [hi, lo]);
+      if (table !== l2Offset || view === undefined) {
+        // The table stays cached (never evicted while it has pending entries), so that no load of it
+        // from the file can race with #flushPending's writes.
+        view = await this.#l2Table(l2Offset);
+        table = l2Offset;
+      }
+      view.setUint32(l2Index * 8, hi);
+      view.setUint32(l2Index * 8 + 4, lo);
     }
-    if (!t.has(index)) this.#pendingCount++;
-    t.set(index, [hi, lo]);
-    // The table stays cached (never evicted while it has pending entries), so that no load of it from
-    // the file can race with #flushPending's writes.
-    const v = await this.#l2Table(l2Offset);
-    v.setUint32(index * 8, hi);
-    v.setUint32(index * 8 + 4, lo);
+  }
+
+  /**
+   * Resolves once guest offset `offset` has its host cluster decided by a write that started before —
+   * the write's clusters were allocated (the data may still be on its way), or it writes in place — or
+   * when `until` settles, whichever comes first. A write started after it resolved is placed after it:
+   * what lets `convert` start the next chunk's write early and still lay clusters out in guest order.
+   */
+  whenPlaced(offset: number, until: Promise<unknown>): Promise<void> {
+    const c = offset - (offset % this.clusterSize);
+    if (this.#inflight.has(c)) return Promise.resolve();
+    return new Promise<void>((resolve) => {
+      let list = this.#placeWaiters.get(c);
+      if (list === undefined) {
+        list = [];
+        this.#placeWaiters.set(c, list);
+      }
+      list.push(resolve);
+      const drop = (): void => {
+        const l = this.#placeWaiters.get(c);
+        const k = l?.indexOf(resolve) ?? -1;
+        if (l !== undefined && k >= 0) {
+          l.splice(k, 1);
+          if (l.length === 0) this.#placeWaiters.delete(c);
+        }
+        resolve();
+      };
+      until.then(drop, drop);
+    });
+  }
+
+  /** Wakes the {@link Qcow2State.whenPlaced} callers of guest cluster `c` (its host cluster is decided). */
+  #placed(c: number): void {
+    const list = this.#placeWaiters.get(c);
+    if (list === undefined) return;
+    this.#placeWaiters.delete(c);
+    for (const r of list) r();
+  }
+
+  /** {@link Qcow2State.#placed} for every guest cluster `[pos, pos+bytes)` touches. */
+  #placedRange(pos: number, bytes: number): void {
+    if (this.#placeWaiters.size === 0) return;
+    const cs = this.clusterSize;
+    for (let c = pos - (pos % cs); c < pos + bytes; c += cs) this.#placed(c);
   }
 
   /**
@@ -1652,6 +1735,7 @@ export class Qcow2State extends BlockDriverBase {
     const { l1Index, l2Index } = this.#where(pos);
     const l2Offset = await this.#ensureL2(l1Index);
     const off = await this.#allocBytes(z.length);
+    this.#placedRange(pos, 1);
     await this.#fileWrite(off, z);
     const sectors = Math.floor((off + z.length - 1) / 512) - Math.floor(off / 512);
     const d = (1n << 62n) | (BigInt(sectors) << BigInt(this.#csizeShift)) | BigInt(off);
