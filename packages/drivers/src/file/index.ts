@@ -127,6 +127,14 @@ const STRERROR: Record<string, [BlkErrorCode, string]> = {
   EINVAL: ["EINVAL", "Invalid argument"],
   ENOTDIR: ["ENOENT", "Not a directory"],
   ENAMETOOLONG: ["EINVAL", "File name too long"],
+  ELOOP: ["EINVAL", "Too many levels of symbolic links"],
+  ENXIO: ["ENOENT", "No such device or address"],
+  ENODEV: ["ENOENT", "No such device"],
+  EMFILE: ["EIO", "Too many open files"],
+  ENFILE: ["EIO", "Too many open files in system"],
+  ETXTBSY: ["EBUSY", "Text file busy"],
+  EDQUOT: ["ENOSPC", "Disk quota exceeded"],
+  ENOMEM: ["EIO", "Cannot allocate memory"],
 };
 
 /** Maps a Node fs error to a BlkError (`prefix: strerror`). */
@@ -568,6 +576,7 @@ async function openFile(
 ): Promise<FileState> {
   checkOptions(options, ctx.cacheDirect === true);
   const filename = options.filename;
+  if (filename === "") throw new BlkError("EINVAL", "The 'file' block driver requires a file name");
   let readOnly = ctx.readOnly;
   let fh: FileHandle;
   try {
@@ -587,7 +596,11 @@ async function openFile(
   }
   try {
     const st = await fh.stat();
-    if (st.isDirectory()) throw new BlkError("EINVAL", `'${filename}' is a directory`);
+    // QEMU's file driver takes regular files only (devices go to its host_device driver, which blk's
+    // file driver stands in for).
+    if (!st.isFile() && !st.isBlockDevice() && !st.isCharacterDevice()) {
+      throw new BlkError("EINVAL", `'file' driver requires '${filename}' to be a regular file`);
+    }
     const locking = options.locking ?? "auto";
     if (sys === null && locking === "on") warnNoSyscalls();
     return new FileState({ fh, filename, size: st.size, readOnly, sys, locking: locking !== "off" });
