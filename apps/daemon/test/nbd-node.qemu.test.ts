@@ -50,6 +50,17 @@ describe.skipIf(missing.length > 0)("nbd nodes", () => {
       const got = await n.read(MiB, 64 * 1024);
       expect(got.every((b) => b === 0x6b)).toBe(true);
       expect(n.length).toBe(4 * MiB);
+      // As qemu-storage-daemon lists an nbd node: its URI as the filename, and no dirty-flag or
+      // actual-size (the nbd driver answers neither get_info nor the allocated size).
+      const listed = (await s.qmp.execute("query-named-block-nodes", { flat: true })) as {
+        "node-name": string;
+        file: string;
+        image: Record<string, unknown>;
+      }[];
+      const entry = listed.find((e) => e["node-name"] === node);
+      const uri = `nbd+unix:///disk?socket=${sock}`;
+      expect(entry?.file).toBe(uri);
+      expect(entry?.image).toEqual({ "virtual-size": 4 * MiB, filename: uri, format: "nbd" });
       await s.qmp.execute("blockdev-del", { "node-name": node });
       if (tls) await s.qmp.execute("object-del", { id: "ctls" });
       await server.stop();

@@ -180,6 +180,9 @@ function nodeFilename(node: BlockNode): string {
   const opts = (node.driverOptions ?? {}) as Record<string, unknown>;
   const fmt = node.driver.format;
   if (typeof opts.filename === "string") return opts.filename;
+  // Protocol drivers whose filename is not an option say it themselves (nbd: its URI).
+  const own = (node.state as { filename?: unknown }).filename;
+  if (typeof own === "string") return own;
   if (fmt === "null-co" || fmt === "null-aio") {
     const extra = nullOptions(opts);
     return Object.keys(extra).length === 0 ? `${fmt}://` : jsonFilename({ driver: fmt, ...extra });
@@ -228,7 +231,8 @@ async function imageInfo(node: BlockNode, flat: boolean): Promise<Record<string,
     image["format-specific"] =
       typeof specific.type === "string" && "data" in specific ? specific : { type: fmt, data: specific };
   }
-  if (fmt !== "null-co" && fmt !== "null-aio") image["dirty-flag"] = false;
+  // QEMU takes it from bdrv_get_info, which some drivers (null-co, null-aio, nbd) do not answer.
+  if (info.unsupported !== true) image["dirty-flag"] = false;
   // The backing file named in the image header (qcow2), whether or not a backing node is attached.
   let header: { backingFile?: string | undefined; backingFormat?: string | undefined } | undefined;
   try {

@@ -39,6 +39,7 @@ import {
 import { META_BASE_ALLOCATION, NBD_STATE } from "../protocol/index.ts";
 import type { TlsCreds } from "../tls.ts";
 import { NbdClient, type NbdClientOptions, type NbdServerAddress } from "./client.ts";
+import { formatNbdUri } from "./uri.ts";
 
 /** `BlockdevOptionsNbd` (QEMU's names). */
 export interface NbdOptions {
@@ -185,6 +186,14 @@ export class NbdState extends BlockDriverBase {
     this.options = options;
     this.#clientOptions = clientOptions;
     this.statusContext = options["x-dirty-bitmap"] ?? META_BASE_ALLOCATION;
+  }
+
+  /** The URI QEMU gives as the node's filename (`nbd+unix://?socket=PATH`, `nbd://HOST:PORT/EXPORT`). */
+  get filename(): string {
+    const s = this.options.server;
+    const server = s.type === "unix" ? s : { type: "inet" as const, host: s.host, port: String(s.port) };
+    const name = this.options.export ?? "";
+    return formatNbdUri(name === "" ? { server } : { server, export: name });
   }
 
   /** The first connection (replaced after a reconnect). */
