@@ -100,6 +100,8 @@ export function blockExportAdd(state: DaemonState, args: BlockExportOptions): Ex
   const node = lookupNode(state, undefined, args["node-name"]);
   if (args.type !== "nbd") throw generic(`blkd does not support '${args.type}' exports`);
   if (args.iothread !== undefined) throw generic("blkd does not support iothreads");
+  // QEMU checks this for every export type, before the NBD server's own checks (name, description).
+  if (args.writable === true && node.readOnly) throw generic("Cannot export read-only node as writable");
   const nbd = state.nbd;
   if (nbd === undefined) throw generic("NBD server not running");
   const name = args.name ?? args["node-name"];
@@ -189,8 +191,9 @@ export function exportCommands(state: DaemonState): CommandDefinition<never, unk
     }),
     defineCommand({
       name: "query-block-exports",
+      // Newest first, as qemu-storage-daemon lists them.
       handler: () =>
-        [...state.exports.values()].map((e) => ({
+        [...state.exports.values()].reverse().map((e) => ({
           id: e.id,
           type: e.type,
           // The node the export serves now (a completed mirror moves the export's edge to its target).
