@@ -3,15 +3,17 @@
  * once the known-data cache has seen a window, and TRIM/WRITE_ZEROES through the export forgetting it.
  */
 import { join } from "node:path";
-import { BlockGraph, type BlockNode, memoryDriver } from "@blk/core";
+import { BlkError, BlockGraph, type BlockNode, memoryDriver } from "@blk/core";
 import { makeTempDir, type TempDir } from "@blk/testkit";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import {
+  decodeErrorChunk,
   decodeOffsetData,
   decodeOffsetHole,
   encodeRequest,
   NBD_CMD,
   NBD_CMD_FLAG,
+  NBD_ERR,
   NBD_REPLY_TYPE,
   NbdServer,
 } from "../src/nbd/index.ts";
@@ -119,6 +121,36 @@ describe("NbdServer READ fast path", () => {
       expect(shape(await read(c, 9n, 3 * MiB, 4096))).toEqual([`hole@${3 * MiB}+4096`]);
     } finally {
       c.close();
+    }
+  });
+
+  it("a READ whose block status fails gets QEMU's error, not data guessed from nothing", async () => {
+    const bad = await graph.open(memoryDriver, { size: MiB }, { nodeName: "bad" });
+    await bad.write(0, new Uint8Array(4096).fill(9));
+    const state = bad.state as { blockStatus: (...a: unknown[]) => Promise<unknown> };
+    state.blockStatus = async () => {
+      throw new BlkError("EIO", "metadata is corrupt");
+    };
+    server.addExport({ name: "bad", node: bad });
+    const c = await rawGo(sock, "bad");
+    try {
+      c.send(encodeRequest({ flags: 0, type: NBD_CMD.READ, cookie: 1n, offset: 0, length: 4096 }));
+      const m = await c.next();
+      if (m.kind !== "chunk") throw new Error(`unexpected ${m.kind}`);
+      expect(m.type).toBe(NBD_REPLY_TYPE.ERROR);
+      expect(decodeErrorChunk(m.type, m.payload)).toEqual({
+        error: NBD_ERR.EIO,
+        message: "unable to check for holes: Input/output error",
+      });
+      // DF needs no block status: the data is read.
+      c.send(
+        encodeRequest({ flags: NBD_CMD_FLAG.DF, type: NBD_CMD.READ, cookie: 2n, offset: 0, length: 4096 }),
+      );
+      const r = await c.next();
+      expect(r).toMatchObject({ kind: "chunk", type: NBD_REPLY_TYPE.OFFSET_DATA });
+    } finally {
+      c.close();
+      await server.removeExport("bad", { mode: "hard" });
     }
   });
 

@@ -13,8 +13,10 @@ import {
   backendParent,
   type DirtyBitmap,
   type Edge,
+  isBlkError,
   PERM,
   PERM_ALL,
+  strerror,
 } from "@blk/core";
 import {
   META_BASE_ALLOCATION,
@@ -261,8 +263,9 @@ export class NbdExport {
   /**
    * How a sparse READ of `[offset, offset+length)` (length > 0, inside the export) is answered: runs of
    * data and of zeroes (holes), or undefined when it is all data (one data chunk). A read inside one
-   * window asks the block status of the whole window and remembers a window that is all data; a failed
-   * query means data.
+   * window asks the block status of the whole window and remembers a window that is all data.
+   * @throws {BlkError} `unable to check for holes: <strerror>` when block status fails (QEMU answers the
+   *   READ with that error rather than guessing the range is data)
    */
   async sparseRuns(offset: number, length: number): Promise<NbdReadRun[] | undefined> {
     const node = this.node;
@@ -279,8 +282,9 @@ export class NbdExport {
     let extents: { offset: number; length: number; zero: boolean }[];
     try {
       extents = await node.blockStatusAbove(start, end - start);
-    } catch {
-      return undefined;
+    } catch (e) {
+      const code = isBlkError(e) ? e.code : "EIO";
+      throw new BlkError(code, `unable to check for holes: ${strerror(code)}`, { cause: e });
     }
     const first = extents[0];
     if (
