@@ -293,10 +293,14 @@ export class BlockNode {
     return undefined;
   }
 
-  /** For filters: the filtered child; for formats: the backing child (QEMU `bdrv_filter_or_cow_bs`). */
+  /**
+   * For filters: the filtered child; for other nodes: the backing child (QEMU `bdrv_filter_or_cow_bs`).
+   * A raw node's `file` has the filtered role too, but raw is a format, not a filter: QEMU does not
+   * follow it, and neither does this.
+   */
   get filteredOrBacking(): Edge | undefined {
-    for (const e of this.children.values())
-      if ((e.role & (CHILD_ROLE.FILTERED | CHILD_ROLE.COW)) !== 0) return e;
+    const mask = this.driver.kind === "filter" ? CHILD_ROLE.FILTERED | CHILD_ROLE.COW : CHILD_ROLE.COW;
+    for (const e of this.children.values()) if ((e.role & mask) !== 0) return e;
     return undefined;
   }
 

@@ -16,6 +16,10 @@ describe("raw driver", () => {
     await r.root.write(4095, data);
     expect(sha256(await r.node.read(4095, data.length))).toBe(sha256(data));
     expect(sha256(await r.file.read(4095, data.length))).toBe(sha256(data));
+    // Its file has the filtered role, but raw is a format: no filter-or-backing child (QEMU's
+    // bdrv_filter_or_cow_bs of a raw node is NULL), so chains end here rather than at the file node.
+    expect(r.node.children.get("file")?.child).toBe(r.file);
+    expect(r.node.filteredOrBacking).toBeUndefined();
     await r.close();
   });
 
