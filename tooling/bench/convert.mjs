@@ -6,6 +6,7 @@
 //   BLK_BENCH_SIZE_MIB=2048 BLK_BENCH_ROUNDS=5 node tooling/bench/convert.mjs
 //   BLK_BENCH_CASES=raw,offload node tooling/bench/convert.mjs     (some cases only)
 //   BLK_BENCH_BASELINE=/path/to/other/apps/cli/bin/blk-img.js …   (also time another build, e.g. before a change)
+//   BLK_BENCH_BASELINE=unbundled …   (also time this build from dist/ rather than its bundle: BLK_IMG_NO_BUNDLE=1)
 //
 // Cases (keys for BLK_BENCH_CASES): `raw` dense raw → raw, `offload` the same with -C for both tools (copy
 // offload: copy_file_range), `qcow2` dense raw → qcow2, `sparse` half-sparse raw → raw, `qcow2-qcow2` a
@@ -73,11 +74,25 @@ if (need.has("denseQcow2")) {
   spawnSync("cat", [images.denseQcow2], { stdio: ["ignore", "ignore", "ignore"], maxBuffer: 0 });
 }
 const baseline = process.env.BLK_BENCH_BASELINE;
+const unbundled = { ...process.env, BLK_IMG_NO_BUNDLE: "1" };
 const tools = {
   "qemu-img": (argv) => ["qemu-img", argv],
   "blk-img": (argv) => [process.execPath, [blkImg, ...argv]],
-  ...(baseline === undefined ? {} : { baseline: (argv) => [process.execPath, [baseline, ...argv]] }),
+  ...(baseline === undefined
+    ? {}
+    : baseline === "unbundled"
+      ? { baseline: (argv) => [process.execPath, [blkImg, ...argv], unbundled] }
+      : { baseline: (argv) => [process.execPath, [baseline, ...argv]] }),
 };
+// bin/blk-img.js runs the bundle `pnpm build` writes unless it is stale: say so when it does not.
+const probe = spawnSync(process.execPath, [blkImg, "--version"], {
+  env: { ...process.env, BLK_IMG_BUNDLE_DEBUG: "1" },
+  encoding: "utf8",
+});
+if (!/code cache accepted/.test(probe.stderr))
+  console.warn(
+    `convert bench: bin/blk-img.js does not run the bundle with its cache (${probe.stderr.trim()}): run \`pnpm build\``,
+  );
 const names = Object.keys(tools);
 
 function run(tool, c) {
@@ -85,9 +100,9 @@ function run(tool, c) {
   rmSync(dst, { force: true });
   const src = images[c.src];
   const srcFmt = c.srcFmt ?? "raw";
-  const [cmd, args] = tools[tool](["convert", ...(c.flags ?? []), "-f", srcFmt, "-O", c.fmt, src, dst]);
+  const [cmd, args, env] = tools[tool](["convert", ...(c.flags ?? []), "-f", srcFmt, "-O", c.fmt, src, dst]);
   const t = performance.now();
-  const r = spawnSync(cmd, args, { stdio: ["ignore", "ignore", "pipe"] });
+  const r = spawnSync(cmd, args, { stdio: ["ignore", "ignore", "pipe"], env });
   const secs = (performance.now() - t) / 1000;
   if (r.status !== 0) throw new Error(`${tool} failed on ${c.name}: ${r.stderr}`);
   const cmp = spawnSync("qemu-img", ["compare", "-f", srcFmt, "-F", c.fmt, src, dst]);

@@ -2,40 +2,35 @@
  * blk-img's entry point: qemu-img's global options, command dispatch, and the top-level handler that
  * turns every failure into `blk-img: <message>` and an exit code (never a stack trace).
  */
-import { amend } from "./commands/amend.ts";
-import { bitmap } from "./commands/bitmap.ts";
-import { check } from "./commands/check.ts";
-import { commit } from "./commands/commit.ts";
-import { compare } from "./commands/compare.ts";
-import { convert } from "./commands/convert.ts";
-import { create } from "./commands/create.ts";
-import { info } from "./commands/info.ts";
-import { map } from "./commands/map.ts";
-import { measure } from "./commands/measure.ts";
-import { rebase } from "./commands/rebase.ts";
-import { resize } from "./commands/resize.ts";
-import { snapshot } from "./commands/snapshot.ts";
 import { type CliIo, type Command, type Context, makeContext, PROG } from "./context.ts";
 import { CliError, messageOf, usage } from "./errors.ts";
 import { helpText, versionText } from "./usage.ts";
 
 export type { CliIo } from "./context.ts";
 
-/** The commands blk-img has, by name. */
+/**
+ * A command whose module is imported when it runs: a start loads the one command it runs (and what that
+ * imports), not all thirteen.
+ */
+function lazy<K extends string>(name: K, load: () => Promise<Record<K, Command>>): Command {
+  return async (args, ctx) => (await load())[name](args, ctx);
+}
+
+/** The commands blk-img has, by name (each module is imported on the command's first run). */
 export const COMMANDS: Readonly<Record<string, Command>> = {
-  amend,
-  bitmap,
-  check,
-  commit,
-  compare,
-  convert,
-  create,
-  info,
-  map,
-  measure,
-  rebase,
-  resize,
-  snapshot,
+  amend: lazy("amend", () => import("./commands/amend.ts")),
+  bitmap: lazy("bitmap", () => import("./commands/bitmap.ts")),
+  check: lazy("check", () => import("./commands/check.ts")),
+  commit: lazy("commit", () => import("./commands/commit.ts")),
+  compare: lazy("compare", () => import("./commands/compare.ts")),
+  convert: lazy("convert", () => import("./commands/convert.ts")),
+  create: lazy("create", () => import("./commands/create.ts")),
+  info: lazy("info", () => import("./commands/info.ts")),
+  map: lazy("map", () => import("./commands/map.ts")),
+  measure: lazy("measure", () => import("./commands/measure.ts")),
+  rebase: lazy("rebase", () => import("./commands/rebase.ts")),
+  resize: lazy("resize", () => import("./commands/resize.ts")),
+  snapshot: lazy("snapshot", () => import("./commands/snapshot.ts")),
 };
 
 function report(ctx: Context, e: unknown): number {

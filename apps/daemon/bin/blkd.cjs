@@ -4,18 +4,22 @@
 // dist/bundle/ — one script, compiled with V8's code cache of a typical start — unless it is missing,
 // older than a file it bundles (something was rebuilt with `tsc -b` alone), or BLKD_NO_BUNDLE=1; then
 // dist/main.js (~90 modules through the ESM loader: slower to start). BLKD_BUNDLE_DEBUG=1 tells which
-// one runs, on stderr.
+// one runs, on stderr. scripts/bundle.mjs and tooling/scripts/bundle-bin.mjs build the bundle.
 "use strict";
+const NAME = "blkd"; // dist/bundle/blkd.cjs and blkd.cache
+const ENV = "BLKD"; // BLKD_NO_BUNDLE, BLKD_BUNDLE_DEBUG, BLKD_BUNDLE_WRITE_CACHE (the build's)
+// ---- The same in every bundled bin's shim from here on (apps/cli/test/startup.test.ts compares them). ----
 const { readFileSync, statSync, writeFileSync } = require("node:fs");
 const Module = require("node:module");
 const { dirname, join } = require("node:path");
 const vm = require("node:vm");
 
 const bundleDir = join(__dirname, "..", "dist", "bundle");
+const debug = process.env[`${ENV}_BUNDLE_DEBUG`] === "1";
 
 /** The bundle's script when it is there and up to date, else undefined. */
 function bundleScript() {
-  if (process.env.BLKD_NO_BUNDLE === "1") return undefined;
+  if (process.env[`${ENV}_NO_BUNDLE`] === "1") return undefined;
   try {
     const { script, inputs } = JSON.parse(readFileSync(join(bundleDir, "manifest.json"), "utf8"));
     const file = join(bundleDir, script);
@@ -31,7 +35,7 @@ function bundleScript() {
 function loadBundle(file) {
   let cachedData;
   try {
-    cachedData = readFileSync(join(bundleDir, "blkd.cache"));
+    cachedData = readFileSync(join(bundleDir, `${NAME}.cache`));
   } catch {
     // no cache: V8 compiles
   }
@@ -40,14 +44,14 @@ function loadBundle(file) {
     cachedData,
     importModuleDynamically: vm.constants.USE_MAIN_CONTEXT_DEFAULT_LOADER,
   });
-  if (process.env.BLKD_BUNDLE_DEBUG === "1") {
+  if (debug) {
     const cache = cachedData === undefined ? "missing" : script.cachedDataRejected ? "rejected" : "accepted";
-    process.stderr.write(`blkd bundle: ${file}, code cache ${cache}\n`);
+    process.stderr.write(`${NAME} bundle: ${file}, code cache ${cache}\n`);
   }
-  const writeCache = process.env.BLKD_BUNDLE_WRITE_CACHE;
+  const writeCache = process.env[`${ENV}_BUNDLE_WRITE_CACHE`];
   if (writeCache !== undefined && writeCache !== "") {
-    // The build records the cache after a start (the functions compiled on the way included).
-    delete process.env.BLKD_BUNDLE_WRITE_CACHE;
+    // The build records the cache after a run (the functions compiled on the way included).
+    delete process.env[`${ENV}_BUNDLE_WRITE_CACHE`];
     process.once("exit", () => writeFileSync(writeCache, script.createCachedData()));
   }
   const mod = { exports: {} };
@@ -56,8 +60,7 @@ function loadBundle(file) {
 }
 
 const file = bundleScript();
-if (file === undefined && process.env.BLKD_BUNDLE_DEBUG === "1")
-  process.stderr.write("blkd bundle: not used\n");
+if (file === undefined && debug) process.stderr.write(`${NAME} bundle: not used\n`);
 (file === undefined ? import("../dist/main.js") : Promise.resolve(loadBundle(file)))
   .then(({ main }) => main(process.argv.slice(2)))
   .then(
