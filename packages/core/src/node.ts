@@ -180,8 +180,8 @@ async function split(
  * const node = await graph.open(memoryDriver, { size: 1 << 20 }, { nodeName: "disk" });
  * await node.write(0, new Uint8Array(512).fill(1));
  */
-/** Appends an extent to a status-above list, merging it into the last one when they say the same. */
-function pushStatusAbove(out: BlockStatusExtent[], ext: BlockStatusExtent): void {
+/** Appends an extent to a status list, merging it into the last one when they say the same. */
+function pushExtent(out: BlockStatusExtent[], ext: BlockStatusExtent): void {
   const last = out.at(-1);
   if (
     last !== undefined &&
@@ -669,19 +669,7 @@ export class BlockNode {
         const length = Math.min(e.length, end - pos);
         const ext: BlockStatusExtent = { ...e, length };
         if (!ext.allocated && !hasBacking && !ext.data) ext.zero = true;
-        const last = out.at(-1);
-        if (
-          last !== undefined &&
-          last.data === ext.data &&
-          last.zero === ext.zero &&
-          last.allocated === ext.allocated &&
-          last.hostOffset === undefined &&
-          ext.hostOffset === undefined
-        ) {
-          last.length += length;
-        } else {
-          out.push(ext);
-        }
+        pushExtent(out, ext);
         pos += length;
         if (pos >= end) break;
       }
@@ -737,11 +725,11 @@ export class BlockNode {
       if (e.offset !== p) throw new BlkError("EIO", `No block status at ${p}`, { offset: p });
       const len = Math.min(e.length, end - p);
       if (e.allocated) {
-        pushStatusAbove(out, { ...e, length: len, depth });
+        pushExtent(out, { ...e, length: len, depth });
       } else {
         const down = this.#cowChild();
         const hole = (zero: boolean, at: number, length: number): void =>
-          pushStatusAbove(out, { offset: at, length, data: false, zero, allocated: false, depth });
+          pushExtent(out, { offset: at, length, data: false, zero, allocated: false, depth });
         if (down === undefined) hole(true, p, len);
         else if (down === base && !includeBase) hole(false, p, len);
         else if (p >= down.length)
@@ -753,7 +741,7 @@ export class BlockNode {
             for (const s of await down.#ownStatus(p, inDown)) {
               const l = Math.min(s.length, p + inDown - q);
               if (l <= 0) break;
-              pushStatusAbove(out, { ...s, offset: q, length: l, depth: depth + 1 });
+              pushExtent(out, { ...s, offset: q, length: l, depth: depth + 1 });
               q += l;
             }
           } else {
