@@ -17,7 +17,7 @@
 import { existsSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import type { BlockNode } from "@blk/core";
-import { makeTempDir, missingPeers, run, spawnPeer } from "@blk/testkit";
+import { makeTempDir, missingPeers, rng, run, spawnPeer } from "@blk/testkit";
 import { afterAll, describe, expect, it } from "vitest";
 import { createQcow2, openQcow2 } from "../src/qcow2/index.ts";
 
@@ -41,18 +41,6 @@ const SIZE = 4 << 20;
 
 const dir = makeTempDir("blk-q2crash");
 afterAll(() => dir.dispose());
-
-function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s / 2 ** 32;
-  };
-}
 
 interface Req {
   kind: "w" | "z" | "d";

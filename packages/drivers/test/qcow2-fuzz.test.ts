@@ -6,26 +6,13 @@
  */
 import { readFileSync } from "node:fs";
 import { BlockGraph, isBlkError, memoryDriver } from "@blk/core";
-import { makeTempDir, missingPeers, pattern, run } from "@blk/testkit";
+import { makeTempDir, missingPeers, pattern, rng, run } from "@blk/testkit";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { parseHeader, type Qcow2State, qcow2Driver } from "../src/qcow2/index.ts";
 import { buildQcow2 } from "./fixtures/qcow2/build.ts";
 
 const RUNS = Number(process.env.BLK_FUZZ_RUNS ?? 300);
 const SEED = Number(process.env.BLK_FUZZ_SEED ?? 0x9e3779b9);
-
-/** xorshift32 */
-function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s / 2 ** 32;
-  };
-}
 
 const seeds: { name: string; data: Uint8Array }[] = [
   {

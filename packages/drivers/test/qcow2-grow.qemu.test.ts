@@ -7,7 +7,7 @@
  */
 import { readFileSync, writeFileSync } from "node:fs";
 import type { BlockNode } from "@blk/core";
-import { makeTempDir, missingPeers, pattern, run } from "@blk/testkit";
+import { makeTempDir, missingPeers, pattern, rng, run } from "@blk/testkit";
 import { afterAll, describe, expect, it } from "vitest";
 import { createQcow2, openQcow2 } from "../src/qcow2/index.ts";
 
@@ -91,19 +91,6 @@ function crashed(initial: Uint8Array, log: readonly LogEntry[], k: number, seed:
     image.set(e.data, e.offset);
   }
   return image;
-}
-
-/** Deterministic pseudo-random generator. */
-function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s / 2 ** 32;
-  };
 }
 
 let n = 0;

@@ -6,7 +6,7 @@
  * read-write open, as QEMU does, and reads back its data.
  */
 import { copyFileSync, readFileSync, writeFileSync } from "node:fs";
-import { makeTempDir, missingPeers, pattern, run } from "@blk/testkit";
+import { makeTempDir, missingPeers, pattern, rng, run } from "@blk/testkit";
 import { afterAll, describe, expect, it } from "vitest";
 import type { Qcow2CheckResult } from "../src/qcow2/index.ts";
 import { openQcow2 } from "../src/qcow2/index.ts";
@@ -45,18 +45,6 @@ async function qcheck(
   const json = r.out === "" ? {} : (JSON.parse(r.out) as CheckJson & { filename?: string });
   delete json.filename;
   return { code: r.code, json, err: r.err };
-}
-
-function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s / 2 ** 32;
-  };
 }
 
 /** An image with data, zero clusters and an internal snapshot, written by qemu-io. */

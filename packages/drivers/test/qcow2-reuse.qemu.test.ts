@@ -8,7 +8,7 @@
  * qemu-io / `qemu-img compare` read the model too. The file stays small: freed clusters are really reused.
  */
 import { writeFileSync } from "node:fs";
-import { makeTempDir, missingPeers, pattern, run } from "@blk/testkit";
+import { makeTempDir, missingPeers, pattern, rng, run } from "@blk/testkit";
 import { afterAll, describe, expect, it } from "vitest";
 import { type CreateQcow2Options, createQcow2, openQcow2 } from "../src/qcow2/index.ts";
 
@@ -21,18 +21,6 @@ const SIZE = 1 << 20;
 
 const dir = makeTempDir("blk-q2reuse");
 afterAll(() => dir.dispose());
-
-function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s / 2 ** 32;
-  };
-}
 
 async function sh(cmd: string, args: string[], ok: readonly number[] = [0]) {
   const r = await run(cmd, args, { cwd: dir.path, timeoutMs: 60_000 });

@@ -2,7 +2,7 @@
  * Private test helpers for blk: temp dirs that always clean up, deterministic data with checksums,
  * and real peer programs (qemu-img, qemu-nbd, nbdkit …) spawned with time-outs and guaranteed kill.
  */
-export { fill, firstDifference, pattern, patternByte, sha256 } from "./pattern.ts";
+export { fill, firstDifference, pattern, patternByte, rng, sha256 } from "./pattern.ts";
 export {
   missingPeers,
   type Peer,
