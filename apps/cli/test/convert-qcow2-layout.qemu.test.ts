@@ -4,7 +4,7 @@
  * allocated zeroes and holes at 512-byte boundaries (seeded), the output file is byte-for-byte qemu-img's.
  */
 import { closeSync, openSync, readFileSync, truncateSync, writeSync } from "node:fs";
-import { pattern } from "@blk/testkit";
+import { pattern, rng } from "@blk/testkit";
 import { afterAll, describe, expect, it } from "vitest";
 import { blk } from "./helpers.ts";
 import { Fixtures, missing, qemu } from "./qemu.ts";
@@ -14,18 +14,6 @@ afterAll(() => fx.dispose());
 const MiB = 1 << 20;
 /** Sources per option set (BLK_CONVERT_LAYOUT_SEEDS raises it). */
 const SEEDS = Number(process.env.BLK_CONVERT_LAYOUT_SEEDS ?? 4);
-
-/** A small deterministic PRNG (mulberry32). */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
 
 /** 4–10 MiB of data, zero and hole runs of assorted lengths (multiples of 512), ending anywhere. */
 function source(seed: number): string {

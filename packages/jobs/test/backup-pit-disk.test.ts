@@ -17,7 +17,7 @@ import { createHash } from "node:crypto";
 import { BlockGraph, BlockNode, backendParent, type Edge, PERM } from "@blk/core";
 import { fileDriver } from "@blk/drivers/file";
 import { createQcow2, qcow2Driver } from "@blk/drivers/qcow2";
-import { makeTempDir, type TempDir } from "@blk/testkit";
+import { makeTempDir, rng, type TempDir } from "@blk/testkit";
 import { afterEach, describe, expect, it } from "vitest";
 import { type BackupJob, type BackupOptions, backup, type JobManager } from "../src/index.ts";
 import { type ManualClock, setup } from "./helpers.ts";
@@ -124,18 +124,6 @@ function diff(got: readonly string[], want: readonly string[], pick?: (c: number
     if ((pick === undefined || pick(c)) && got[c] !== want[c]) bad.push(c);
   }
   return bad;
-}
-
-/** A deterministic PRNG (mulberry32). */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** One guest write inside a group of two clusters `[2g, 2g+2)`. */

@@ -12,23 +12,15 @@ import {
   PERM,
   PERM_ALL,
 } from "@blk/core";
+import { rng } from "@blk/testkit";
 import type { JobEvent, MirrorJob } from "../src/index.ts";
 import { type ManualClock, setup, tick } from "./helpers.ts";
 
 export const KiB = 1024;
 export const MiB = 1024 * 1024;
 
-/** A small deterministic PRNG (mulberry32). */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** The deterministic generator the tests share. */
+export { rng };
 
 export const sha = (b: Uint8Array): string => createHash("sha256").update(b).digest("hex");
 
