@@ -300,7 +300,7 @@ export interface OpenQcow2Options {
   writable?: boolean;
   /** With `writable`: the user edge also holds `resize` (for `truncate`, as `qemu-img resize`). */
   resize?: boolean;
-  /** The top node's `discard` option (default `ignore`: discard requests do nothing, as in QEMU). */
+  /** The nodes' `discard` option (default `ignore`: discard requests do nothing, as in QEMU). */
   discard?: "ignore" | "unmap";
 }
 
@@ -410,7 +410,8 @@ export async function openQcow2(filename: string, options: OpenQcow2Options = {}
         : (options.qcow2 ?? {});
     const n = await graph.open(qcow2Driver, qopts, {
       ...nodeOpts,
-      ...(top && options.discard !== undefined ? { discard: options.discard } : {}),
+      // Backing files inherit it, as QEMU's backing children inherit BDRV_O_UNMAP (a commit's base).
+      ...(options.discard !== undefined ? { discard: options.discard } : {}),
       readOnly: !(top && writable),
       owned: top,
       children,

@@ -82,6 +82,8 @@ const MAX_BATCH_CLUSTERS = 1024;
  * bounds what a crash can leave leaked and the memory the pending maps take.
  */
 const MAX_PENDING_ENTRIES = 65536;
+/** Most bytes of cluster buffers kept for reuse by allocating writes (#clusterBuffer). */
+const BUFFER_POOL_BYTES = 4 << 20;
 /** Offset of `autoclear_features` in the header. */
 const HEADER_AUTOCLEAR_AT = 88;
 /** Autoclear bit 0: the bitmaps extension is consistent. */
@@ -126,9 +128,34 @@ interface AllocRequest {
   done?: Promise<void>;
 }
 
+/**
+ * The pending (linked in memory, not written yet) L2 entries of one table: the entries' bytes as they go
+ * to the file at their place in a table-sized buffer, which indexes are set, and their span.
+ */
+interface PendingTable {
+  bytes: Uint8Array;
+  view: DataView;
+  set: Uint8Array;
+  count: number;
+  min: number;
+  max: number;
+}
+
+/** A guest cluster an allocating batch writes. */
+interface BatchCluster {
+  l2Offset: number;
+  l2Index: number;
+  /** The cluster's bytes from `at` on: the whole cluster, or (`at` > 0 or shorter) only the bytes written. */
+  buf: Uint8Array;
+  /** Where `buf` starts in the cluster; with a partial `buf`, every other byte of the cluster is zero. */
+  at: number;
+  /** `buf` is the batch's own copy (else a view of a request's data). */
+  owned: boolean;
+}
+
 /** Guest clusters one group commit allocates, by guest offset. */
 interface AllocBatch {
-  clusters: Map<number, { l2Offset: number; l2Index: number; buf: Uint8Array; owned: boolean; cow: boolean }>;
+  clusters: Map<number, BatchCluster>;
   requests: AllocRequest[];
 }
 
@@ -210,7 +237,7 @@ export class Qcow2State extends BlockDriverBase {
    * L2 entries of newly allocated clusters linked in memory but not written yet, by table then index: they
    * reach the file after a flush made their refcounts and data stable (see #flushPending).
    */
-  readonly #pendingL2 = new Map<number, Map<number, [number, number]>>();
+  readonly #pendingL2 = new Map<number, PendingTable>();
   #pendingCount = 0;
   /**
    * Guest clusters of committed batches whose data writes are still running (they run outside the metadata
@@ -228,6 +255,13 @@ export class Qcow2State extends BlockDriverBase {
   #unflushed = false;
   /** Counts file writes starting and ending (a flush clears #unflushed only when none did meanwhile). */
   #writeEvents = 0;
+  /**
+   * End of the furthest write issued to the file (#fileWrite) so far: no byte at or past
+   * max(this, the file's length) was ever written, so a cluster allocated there reads as zeroes.
+   */
+  #writeEnd = 0;
+  /** Cluster-sized buffers of ended batch writes, for #clusterBuffer. */
+  readonly #bufferPool: Uint8Array[] = [];
   /** Whole-cluster writes into unallocated clusters are stored compressed (`qemu-img convert -c`). */
   #compress = false;
   /** Where the next compressed cluster may go (QEMU's `free_byte_offset`; 0: a new host cluster). */
@@ -348,9 +382,11 @@ export class Qcow2State extends BlockDriverBase {
       await this.#pread(this.#file, l2Offset, b);
       const v = new DataView(b.buffer);
       // Entries linked but not written yet (group commit) are part of the table.
-      for (const [i, [hi, lo]] of this.#pendingL2.get(l2Offset) ?? []) {
-        v.setUint32(i * 8, hi);
-        v.setUint32(i * 8 + 4, lo);
+      const pt = this.#pendingL2.get(l2Offset);
+      if (pt !== undefined) {
+        for (let i = pt.min; i <= pt.max; i++) {
+          if (pt.set[i] !== 0) b.set(pt.bytes.subarray(i * 8, i * 8 + 8), i * 8);
+        }
       }
       return v;
     })();
@@ -671,6 +707,7 @@ export class Qcow2State extends BlockDriverBase {
   async #fileWrite(offset: number, data: Uint8Array): Promise<void> {
     this.#unflushed = true;
     this.#writeEvents++;
+    if (offset + data.length > this.#writeEnd) this.#writeEnd = offset + data.length;
     try {
       await this.#file.write(offset, data);
     } finally {
@@ -782,29 +819,37 @@ export class Qcow2State extends BlockDriverBase {
     const per = this.#perRefblock;
     const bits = this.#refBits;
     const hosts: number[] = [];
+    // The pending range of the refcount block the last cluster was in (the next one usually is too).
+    let rIndex = -1;
+    let r: [number, number] | undefined;
     for (let k = 0; k < count; k++) {
       // Usually the hint is free and its refcount block loaded: no search.
       let c = this.#freeHint;
       let index = Math.floor(c / per);
-      const hinted = index < this.#reftable.length / 8 ? this.#refblocks.get(index) : undefined;
-      if (hinted !== undefined && this.#refcountIn(hinted, c - index * per) === 0) {
+      let block = index < this.#reftable.length / 8 ? this.#refblocks.get(index) : undefined;
+      if (block !== undefined && this.#refcountIn(block, c - index * per) === 0) {
         this.#freeHint = c + 1;
       } else {
         c = await this.#findRun(1);
         index = Math.floor(c / per);
+        block = this.#refblocks.get(index) ?? (await this.#refblock(index));
+        rIndex = -1;
       }
-      const block = this.#refblocks.get(index) ?? (await this.#refblock(index));
       if (block === undefined) throw new BlkError("EIO", `qcow2: no refcount block for cluster ${hex(c)}`);
       const i = c - index * per;
       setRefcount(block, bits, i, 1);
       const from = bits < 8 ? (i * bits) >>> 3 : (i * bits) / 8;
       const to = from + (bits < 8 ? 1 : bits / 8);
-      const r = this.#pendingRefs.get(index);
-      if (r === undefined) this.#pendingRefs.set(index, [from, to]);
-      else {
-        r[0] = Math.min(r[0], from);
-        r[1] = Math.max(r[1], to);
+      if (index !== rIndex || r === undefined) {
+        r = this.#pendingRefs.get(index);
+        rIndex = index;
+        if (r === undefined) {
+          r = [from, to];
+          this.#pendingRefs.set(index, r);
+        }
       }
+      if (from < r[0]) r[0] = from;
+      if (to > r[1]) r[1] = to;
       hosts.push(c * this.clusterSize);
     }
     return hosts;
@@ -1456,7 +1501,9 @@ export class Qcow2State extends BlockDriverBase {
   /**
    * Adds the start of a request to the batch when it lies in unallocated or plain zero clusters (or in
    * clusters the batch already allocates): each cluster gets a whole-cluster buffer — the request's bytes,
-   * with the rest copied from the backing file or zeroes. Returns the bytes taken (0: not such clusters).
+   * with the rest copied from the backing file — or, when the rest reads as zeroes, just the request's
+   * bytes (#commitBatch pads them where the new cluster needs it). Returns the bytes taken (0: not such
+   * clusters).
    */
   async #addToBatch(batch: AllocBatch, req: AllocRequest): Promise<number> {
     const cs = this.clusterSize;
@@ -1474,22 +1521,24 @@ export class Qcow2State extends BlockDriverBase {
       const part = data.subarray(from - pos, to - pos);
       let e = batch.clusters.get(c);
       if (e === undefined) {
-        if (from === c && to === c + cs) {
-          e = { l2Offset, l2Index: i, buf: part, owned: false, cow: false };
+        if ((from === c && to === c + cs) || run.type === SC.ZERO_PLAIN || this.#backing === undefined) {
+          e = { l2Offset, l2Index: i, buf: part, at: from - c, owned: false };
         } else {
-          const buf = new Uint8Array(cs);
-          // A fresh buffer reads as zeroes already: only a backing file has anything to copy.
-          if (run.type === SC.UNALLOCATED_PLAIN && this.#backing !== undefined)
-            await this.#readBacking(c, buf);
+          // Every byte of it is set (#readBacking zeroes what the backing file does not cover).
+          const buf = this.#clusterBuffer();
+          await this.#readBacking(c, buf);
           buf.set(part, from - c);
-          e = { l2Offset, l2Index: i, buf, owned: true, cow: true };
+          e = { l2Offset, l2Index: i, buf, at: 0, owned: true };
         }
         batch.clusters.set(c, e);
         continue;
       }
       // Written twice in one batch: the later request's bytes over the earlier ones.
-      if (!e.owned) {
-        e.buf = e.buf.slice();
+      if (e.at !== 0 || e.buf.length !== cs) this.#padCluster(e, cs);
+      else if (!e.owned) {
+        const buf = this.#clusterBuffer();
+        buf.set(e.buf);
+        e.buf = buf;
         e.owned = true;
       }
       e.buf.set(part, from - c);
@@ -1498,10 +1547,41 @@ export class Qcow2State extends BlockDriverBase {
   }
 
   /**
+   * A cluster-sized buffer with undefined contents for a batch's own copy of a cluster: a recycled one
+   * when there is one (allocating and collecting 64 KiB per small allocating write costs more main-thread
+   * time than the rest of the request).
+   */
+  #clusterBuffer(): Uint8Array {
+    return this.#bufferPool.pop() ?? new Uint8Array(this.clusterSize);
+  }
+
+  /** Gives a buffer from #clusterBuffer back once its write has ended (nothing else holds it). */
+  #recycle(buf: Uint8Array): void {
+    if (this.#bufferPool.length * this.clusterSize < BUFFER_POOL_BYTES) this.#bufferPool.push(buf);
+  }
+
+  /** Makes `e.buf` the whole cluster (its own copy): the bytes it had at `e.at`, zeroes around them. */
+  #padCluster(e: BatchCluster, cs: number): void {
+    const buf = this.#clusterBuffer();
+    const end = e.at + e.buf.length;
+    buf.fill(0, 0, e.at);
+    buf.set(e.buf, e.at);
+    buf.fill(0, end, cs);
+    e.buf = buf;
+    e.at = 0;
+    e.owned = true;
+  }
+
+  /**
    * Allocates the batch's clusters (under the metadata lock), then starts their data writes without
    * waiting: one write per run of host-contiguous clusters whose buffers are consecutive pieces of one
    * caller buffer (a view of it, never a copy), after which the run's L2 entries are linked. Each request
    * gets the completion of its own runs as `done`; the guest clusters are in #inflight meanwhile.
+   *
+   * A cluster holding only part of a request (the rest zeroes) is written whole when its host cluster may
+   * hold old bytes; past everything ever written to the file, only its bytes are written (what lies before
+   * them in the file reads as zeroes: a hole) — except in the batch's last host cluster, written whole, so
+   * that the file ends at a cluster boundary once the batch is written.
    */
   async #commitBatch(batch: AllocBatch): Promise<void> {
     if (batch.clusters.size === 0) return;
@@ -1512,40 +1592,59 @@ export class Qcow2State extends BlockDriverBase {
     const order = entries
       .map(([guest, e], k) => ({ guest, e, host: hosts[k] ?? 0 }))
       .sort((a, b) => a.host - b.host);
+    // After #allocPending (which may have written refcount structures).
+    const untouched = Math.max(this.#file.length, this.#writeEnd);
+    const top = order[order.length - 1]?.host ?? 0;
+    for (const { e, host } of order) {
+      if ((e.at !== 0 || e.buf.length !== cs) && (host < untouched || host === top)) this.#padCluster(e, cs);
+    }
     const runOf = new Map<number, Promise<void>>();
+    let only: Promise<void> | undefined;
     for (let i = 0; i < order.length; ) {
-      const first = order[i]?.e.buf ?? new Uint8Array(0);
+      const head = order[i];
+      const first = head?.e.buf ?? new Uint8Array(0);
       let end = first.byteOffset + first.length;
       let j = i + 1;
       for (; j < order.length; j++) {
         const o = order[j];
-        if (o === undefined || o.host !== (order[j - 1]?.host ?? 0) + cs) break;
+        const prev = order[j - 1];
+        if (o === undefined || prev === undefined || o.host !== prev.host + cs) break;
+        if (prev.e.at + prev.e.buf.length !== cs || o.e.at !== 0) break;
         if (o.e.buf.buffer !== first.buffer || o.e.buf.byteOffset !== end) break;
         end += o.e.buf.length;
       }
       const members = order.slice(i, j);
       const view =
         j === i + 1 ? first : new Uint8Array(first.buffer, first.byteOffset, end - first.byteOffset);
-      const host = order[i]?.host ?? 0;
+      const host = (head?.host ?? 0) + (head?.e.at ?? 0);
+      // A batch's own copy of a cluster is a run of its own: recycled once written.
+      const own = j === i + 1 && head?.e.owned === true && first.length === cs ? first : undefined;
       const done = (async () => {
-        await this.#fileWrite(host, view);
+        try {
+          await this.#fileWrite(host, view);
+        } finally {
+          if (own !== undefined) this.#recycle(own);
+        }
         // The L2 entries wait (in memory, where reads see them) for the flush that makes the refcounts
         // (R1) and the copied-on-write bytes (R3) stable: #flushPending.
         await this.#linkPendingAll(members);
       })();
-      // Rejections reach the requests through `done`.
-      const settled = done.then(
-        () => {},
-        () => {},
-      );
+      // Rejections reach the requests through `done`; the clusters leave #inflight before `settled` does.
+      const leave = (): void => {
+        for (const m of members) if (this.#inflight.get(m.guest) === settled) this.#inflight.delete(m.guest);
+      };
+      const settled: Promise<void> = done.then(leave, leave);
       for (const m of members) {
         runOf.set(m.guest, done);
         this.#inflight.set(m.guest, settled);
       }
-      void settled.then(() => {
-        for (const m of members) if (this.#inflight.get(m.guest) === settled) this.#inflight.delete(m.guest);
-      });
+      only = i === 0 && j === order.length ? done : undefined;
       i = j;
+    }
+    if (only !== undefined) {
+      // One run: every request waits for it.
+      for (const r of batch.requests) r.done = only;
+      return;
     }
     for (const r of batch.requests) {
       const waits: Promise<void>[] = [];
@@ -1563,26 +1662,48 @@ export class Qcow2State extends BlockDriverBase {
   ): Promise<void> {
     let table = -1;
     let view: DataView | undefined;
+    let pt: PendingTable | undefined;
     for (const m of members) {
       const { l2Offset, l2Index } = m.e;
       const hi = (L2E_COPIED_HI | Math.floor(m.host / 2 ** 32)) >>> 0;
       const lo = m.host >>> 0;
-      let t = this.#pendingL2.get(l2Offset);
-      if (t === undefined) {
-        t = new Map();
-        this.#pendingL2.set(l2Offset, t);
-      }
-      if (!t.has(l2Index)) this.#pendingCount++;
-      t.set(l2Index, [hi, lo]);
-      if (table !== l2Offset || view === undefined) {
+      if (table !== l2Offset || view === undefined || pt === undefined) {
+        pt = this.#pendingTable(l2Offset);
         // The table stays cached (never evicted while it has pending entries), so that no load of it
         // from the file can race with #flushPending's writes.
         view = await this.#l2Table(l2Offset);
         table = l2Offset;
       }
+      if (pt.set[l2Index] === 0) {
+        pt.set[l2Index] = 1;
+        pt.count++;
+        this.#pendingCount++;
+        if (l2Index < pt.min) pt.min = l2Index;
+        if (l2Index > pt.max) pt.max = l2Index;
+      }
+      pt.view.setUint32(l2Index * 8, hi);
+      pt.view.setUint32(l2Index * 8 + 4, lo);
       view.setUint32(l2Index * 8, hi);
       view.setUint32(l2Index * 8 + 4, lo);
     }
+  }
+
+  /** The pending entries of the table at `l2Offset` (created empty when it has none). */
+  #pendingTable(l2Offset: number): PendingTable {
+    let pt = this.#pendingL2.get(l2Offset);
+    if (pt === undefined) {
+      const bytes = new Uint8Array(this.#l2Entries * 8);
+      pt = {
+        bytes,
+        view: new DataView(bytes.buffer),
+        set: new Uint8Array(this.#l2Entries),
+        count: 0,
+        min: this.#l2Entries,
+        max: -1,
+      };
+      this.#pendingL2.set(l2Offset, pt);
+    }
+    return pt;
   }
 
   /**
@@ -1642,24 +1763,22 @@ export class Qcow2State extends BlockDriverBase {
     await this.#writePendingRefs();
     if (this.#unflushed) await this.#fileFlush();
     const tables = [...this.#pendingL2].sort((a, b) => a[0] - b[0]);
-    for (const [l2Offset, m] of tables) {
-      const idx = [...m.keys()].sort((a, b) => a - b);
-      for (let i = 0; i < idx.length; ) {
-        let j = i + 1;
-        while (j < idx.length && (idx[j] ?? 0) === (idx[j - 1] ?? 0) + 1) j++;
-        const entries = new Uint8Array((j - i) * 8);
-        const ev = new DataView(entries.buffer);
-        for (let k = i; k < j; k++) {
-          const [hi, lo] = m.get(idx[k] ?? 0) ?? [0, 0];
-          ev.setUint32((k - i) * 8, hi);
-          ev.setUint32((k - i) * 8 + 4, lo);
+    for (const [l2Offset, pt] of tables) {
+      // One write per run of consecutive entries (nothing links entries while the lock is held).
+      const { set, bytes } = pt;
+      for (let i = pt.min; i <= pt.max; ) {
+        if (set[i] === 0) {
+          i++;
+          continue;
         }
-        await this.#fileWrite(l2Offset + (idx[i] ?? 0) * 8, entries);
+        let j = i + 1;
+        while (j <= pt.max && set[j] !== 0) j++;
+        await this.#fileWrite(l2Offset + i * 8, bytes.slice(i * 8, j * 8));
         i = j;
       }
       // Only now may the table leave the cache (a load from the file sees the entries).
       this.#pendingL2.delete(l2Offset);
-      this.#pendingCount -= m.size;
+      this.#pendingCount -= pt.count;
     }
   }
 
@@ -1768,61 +1887,169 @@ export class Qcow2State extends BlockDriverBase {
   }
 
   /**
-   * Whole clusters become zero clusters (v3 zero flag; an allocated cluster keeps its host cluster, so no
-   * refcount changes); the unaligned head and tail are written as zeroes. Version 2 images have no zero
-   * flag: zeroes are written, except over unallocated clusters of an image without backing file.
+   * QEMU's qcow2 write-zeroes, piece by piece as its block layer splits a request: a cluster-aligned body
+   * and unaligned head and tail pieces (a piece reaching the image's end has no tail).
+   * - v3, whole cluster: the zero flag is set on every cluster, allocated or not, with or without backing
+   *   file (an allocated cluster keeps its host cluster, even one shared with a snapshot); with `mayUnmap`
+   *   an allocated cluster is freed instead (plain zero cluster), and a compressed one always is.
+   * - v2 (no zero flag), whole cluster: without backing file the cluster is discarded (allocated ones,
+   *   compressed included, become unallocated and are freed); over a backing file zeroes are written.
+   * - A partial piece is treated as its whole cluster when that cluster is unallocated or a zero cluster
+   *   and the rest of it reads as zeroes (through the backing chain); otherwise zeroes are written.
+   * @throws {BlkError} ENOTSUP with `noFallback` where zeroes would have to be written (any v2 image)
    */
-  protected override async _writeZeroes(offset: number, bytes: number, _flags: ZeroFlags): Promise<void> {
+  protected override async _writeZeroes(offset: number, bytes: number, flags: ZeroFlags): Promise<void> {
     this.#checkWritable(offset);
+    const noFallback = flags.noFallback === true;
+    if (noFallback && this.header.version < 3) {
+      throw new BlkError("ENOTSUP", "Operation not supported", { offset });
+    }
     await this.#prepare();
     const cs = this.clusterSize;
+    const unmap = flags.mayUnmap === true;
     const end = offset + bytes;
     let pos = offset;
     while (pos < end) {
-      const n = Math.min(end - pos, cs - (pos % cs));
-      // As QEMU, a last partial cluster that the request covers up to the image's end counts as whole.
-      const whole = n === cs || (pos % cs === 0 && pos + n === this.#size);
-      if (whole && this.header.version === 3) {
-        await this.#locked(() => this.#zeroCluster(pos));
-      } else {
-        const run = await this.mapRun(pos, n);
-        const reads0 =
-          run.type === SC.ZERO_PLAIN ||
-          run.type === SC.ZERO_ALLOC ||
-          (run.type === SC.UNALLOCATED_PLAIN && this.#backing === undefined);
-        if (!reads0 || run.bytes < n) await this._write(pos, new Uint8Array(n), {});
+      let n = Math.min(end - pos, cs - (pos % cs));
+      const start = pos - (pos % cs);
+      const at = pos;
+      let done = false;
+      if (pos === start && (n === cs || pos + n >= this.#size)) {
+        // Whole clusters, up to the end of their L2 table at most (a last partial one counts as whole).
+        const stop = Math.min(end, (Math.floor(pos / this.#perL2) + 1) * this.#perL2);
+        const count = stop >= this.#size ? Math.ceil((stop - pos) / cs) : Math.floor((stop - pos) / cs);
+        n = Math.min(count * cs, end - pos);
+        done = await this.#locked(() => this.#zeroClusters(at, count, true, unmap));
+      } else if (await this.#restReadsZero(start, pos, pos + n)) {
+        done = await this.#locked(() => this.#zeroClusters(start, 1, false, unmap));
+      }
+      if (!done) {
+        if (noFallback) throw new BlkError("ENOTSUP", "Operation not supported", { offset: at });
+        const zero = new Uint8Array(Math.min(n, 1 << 20));
+        for (let d = 0; d < n; d += zero.length) {
+          await this._write(at + d, n - d < zero.length ? zero.subarray(0, n - d) : zero, {});
+        }
       }
       pos += n;
     }
   }
 
-  /** Makes the guest cluster at `pos` a zero cluster (under the metadata lock). */
-  async #zeroCluster(pos: number): Promise<void> {
-    await this.#flushPending();
-    const run = await this.mapRun(pos, this.clusterSize);
-    if (run.type === SC.ZERO_PLAIN || run.type === SC.ZERO_ALLOC) return;
-    if (run.type === SC.UNALLOCATED_PLAIN && this.#backing === undefined) return;
-    if (run.type === SC.INVALID) throw new BlkError("EIO", "Input/output error", { offset: pos });
-    await this.#markDirty();
-    const { l1Index, l2Index } = this.#where(pos);
-    const l2Offset = await this.#ensureL2(l1Index);
-    if (run.type === SC.COMPRESSED || (run.type === SC.NORMAL && (run.entryHi & L2E_COPIED_HI) === 0)) {
-      // Shared or compressed: the entry stops referencing it, then its refcounts drop (R4).
-      await this.#setL2Entry(l2Offset, l2Index, 0, L2E_ZERO_LO);
-      await this.#fileFlush();
-      this.#lastCompressed = undefined;
-      await this.#unrefEntry(run.entryHi, run.entryLo);
-    } else if (run.type === SC.NORMAL) {
-      await this.#setL2Entry(l2Offset, l2Index, run.entryHi, (run.entryLo | L2E_ZERO_LO) >>> 0);
-    } else {
-      await this.#setL2Entry(l2Offset, l2Index, 0, L2E_ZERO_LO);
+  /**
+   * Whether the parts of the cluster at `start` outside `[from, to)` (up to the image's end) read as
+   * zeroes, checked the way QEMU's qcow2 does before it zeroes a whole cluster for a partial request.
+   */
+  async #restReadsZero(start: number, from: number, to: number): Promise<boolean> {
+    const run = await this.mapRun(start, this.clusterSize);
+    if (run.type === SC.ZERO_PLAIN || run.type === SC.ZERO_ALLOC) return true;
+    if (run.type !== SC.UNALLOCATED_PLAIN) return false;
+    const b = this.#backing;
+    if (b === undefined) return true;
+    const stop = Math.min(start + this.clusterSize, this.#size);
+    for (const [p, q] of [
+      [start, from],
+      [to, stop],
+    ] as const) {
+      const e = Math.min(q, b.length);
+      if (p >= e) continue;
+      let at = p;
+      for (const x of await b.blockStatusAbove(p, e - p)) {
+        if (!x.zero) return false;
+        at = x.offset + x.length;
+      }
+      if (at < e) return false;
     }
+    return true;
   }
 
   /**
-   * Discards whole clusters (unaligned parts are ignored): an allocated cluster's L2 entry becomes a
-   * zero cluster (v3) or unallocated (v2), the change is flushed, and only then its refcount drops to 0
-   * (rule R4). Compressed clusters are left as they are.
+   * Zeroes `count` guest clusters from `pos` (within one L2 table) without writing data, under the
+   * metadata lock, as QEMU's qcow2 does: the L2 table is allocated (or unshared) whatever changes, the new
+   * entries are written in one go, flushed, and only then the refcounts of the clusters they stop using
+   * drop (rule R4). False (nothing done) when zeroes have to be written instead: v2 over a backing file,
+   * or for a partial request (`whole` false, one cluster) a cluster no longer unallocated or zero.
+   */
+  async #zeroClusters(pos: number, count: number, whole: boolean, unmap: boolean): Promise<boolean> {
+    const v3 = this.header.version === 3;
+    if (!v3 && this.#backing !== undefined) return false;
+    await this.#flushPending();
+    const cs = this.clusterSize;
+    for (let i = 0; i < count; ) {
+      const at = pos + i * cs;
+      const run = await this.mapRun(at, Math.min((count - i) * cs, this.#size - at));
+      if (run.type === SC.INVALID) throw new BlkError("EIO", "Input/output error", { offset: at });
+      if (
+        !whole &&
+        run.type !== SC.UNALLOCATED_PLAIN &&
+        run.type !== SC.ZERO_PLAIN &&
+        run.type !== SC.ZERO_ALLOC
+      ) {
+        return false;
+      }
+      i += Math.max(1, Math.ceil(run.bytes / cs));
+    }
+    const { l1Index, l2Index } = this.#where(pos);
+    if (this.#ownedL2(l1Index) === 0) await this.#markDirty();
+    const l2Offset = await this.#ensureL2(l1Index);
+    const table = await this.#l2Table(l2Offset);
+    const entries = new Uint8Array(count * 8);
+    const ev = new DataView(entries.buffer);
+    const dec = new Map<number, number>();
+    let changed = false;
+    let compressed = false;
+    for (let i = 0; i < count; i++) {
+      const hi = table.getUint32((l2Index + i) * 8);
+      const lo = table.getUint32((l2Index + i) * 8 + 4);
+      const type = this.#classify(table, l2Index + i, 0);
+      const allocated = type === SC.NORMAL || type === SC.ZERO_ALLOC || type === SC.COMPRESSED;
+      // v3: the zero flag (an allocated cluster freed only with unmap, a compressed one always); v2
+      // without backing file: a discard (allocated clusters become unallocated).
+      const free = v3 ? type === SC.COMPRESSED || (unmap && allocated) : allocated;
+      const nhi = free ? 0 : hi;
+      const nlo = v3 ? ((free ? 0 : lo) | L2E_ZERO_LO) >>> 0 : free ? 0 : lo;
+      ev.setUint32(i * 8, nhi);
+      ev.setUint32(i * 8 + 4, nlo);
+      if (nhi !== hi || nlo !== lo) changed = true;
+      if (free) {
+        if (type === SC.COMPRESSED) compressed = true;
+        for (const c of this.#entryClusters(hi, lo)) dec.set(c, (dec.get(c) ?? 0) - 1);
+      }
+    }
+    if (!changed) return true;
+    await this.#markDirty();
+    await this.#setL2Entries(l2Offset, l2Index, entries);
+    if (dec.size > 0) {
+      await this.#fileFlush();
+      if (compressed) this.#lastCompressed = undefined;
+      // A write that mapped a cluster before the change may still be writing into it.
+      await Promise.all([...this.#inPlace]);
+      await this.#updateRefcounts(dec);
+    }
+    return true;
+  }
+
+  /**
+   * Points L2 entry `l2Index` somewhere else (`hi`/`lo`), flushes, and only then drops the refcounts of
+   * what the old entry `run` referenced (rule R4).
+   */
+  async #unlinkCluster(
+    l2Offset: number,
+    l2Index: number,
+    hi: number,
+    lo: number,
+    run: Qcow2Run,
+  ): Promise<void> {
+    await this.#setL2Entry(l2Offset, l2Index, hi, lo);
+    await this.#fileFlush();
+    if (run.type === SC.COMPRESSED) this.#lastCompressed = undefined;
+    // A write that mapped the cluster before the change may still be writing into it.
+    await Promise.all([...this.#inPlace]);
+    await this.#unrefEntry(run.entryHi, run.entryLo);
+  }
+
+  /**
+   * Discards whole clusters (unaligned parts are ignored): an allocated cluster's L2 entry (compressed
+   * ones too, as QEMU) becomes a zero cluster (v3) or unallocated (v2), the change is flushed, and only
+   * then its refcount drops (rule R4).
    */
   protected override async _discard(offset: number, bytes: number): Promise<void> {
     this.#checkWritable(offset);
@@ -1840,21 +2067,16 @@ export class Qcow2State extends BlockDriverBase {
     await this.#flushPending();
     const run = await this.mapRun(pos, this.clusterSize);
     const v3 = this.header.version === 3;
-    const allocated = run.type === SC.NORMAL || run.type === SC.ZERO_ALLOC;
+    const allocated = run.type === SC.NORMAL || run.type === SC.ZERO_ALLOC || run.type === SC.COMPRESSED;
     if (!allocated) {
       // v3: an unallocated cluster over a backing file reads zeroes after a discard, as in QEMU.
       if (v3 && run.type === SC.UNALLOCATED_PLAIN && this.#backing !== undefined)
-        await this.#zeroCluster(pos);
+        await this.#zeroClusters(pos, 1, true, false);
       return;
     }
     await this.#markDirty();
     const { l1Index, l2Index } = this.#where(pos);
-    const l2Offset = await this.#ensureL2(l1Index);
-    await this.#setL2Entry(l2Offset, l2Index, 0, v3 ? L2E_ZERO_LO : 0);
-    await this.#fileFlush();
-    // A write that mapped the cluster before the change may still be writing into it.
-    await Promise.all([...this.#inPlace]);
-    await this.#unrefEntry(run.entryHi, run.entryLo);
+    await this.#unlinkCluster(await this.#ensureL2(l1Index), l2Index, 0, v3 ? L2E_ZERO_LO : 0, run);
   }
 
   // ---- resize ------------------------------------------------------------------------------------
@@ -1902,7 +2124,10 @@ export class Qcow2State extends BlockDriverBase {
       // file would show through.
       const cs = this.clusterSize;
       const end = this.header.version === 3 ? length : Math.min(length, Math.ceil(b.length / cs) * cs);
-      await this._writeZeroes(old, end - old, {});
+      // The unaligned head is written as zeroes whatever lies around it, as QEMU's qcow2 truncate does.
+      const head = Math.min(Math.ceil(old / cs) * cs, end) - old;
+      if (head > 0) await this._write(old, new Uint8Array(head), {});
+      if (end > old + head) await this._writeZeroes(old + head, end - old - head, {});
     }
   }
 
