@@ -20,6 +20,8 @@ export interface OpenArgs {
   resize?: boolean;
   /** Flushes stop at the page cache (`-t unsafe`, qemu-img convert's default for the target). */
   cacheNoFlush?: boolean;
+  /** `discard=unmap` on the nodes (QEMU `BDRV_O_UNMAP`): zero writes may then free clusters. */
+  discard?: "ignore" | "unmap";
   /** Called with QEMU's warnings (the probed-raw warning). */
   onWarning?: (message: string) => void;
   /** Exit code of an open failure (default 1; `compare` uses 2). */
@@ -121,6 +123,7 @@ export async function openImg(a: OpenArgs): Promise<OpenedImage> {
       forceShare: (a.forceShare ?? false) && a.readOnly,
       resize: a.resize ?? false,
       cacheNoFlush: a.cacheNoFlush ?? false,
+      ...(a.discard === undefined ? {} : { discard: a.discard }),
       ...(a.onWarning === undefined ? {} : { onWarning: a.onWarning }),
     });
   } catch (e) {

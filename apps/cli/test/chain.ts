@@ -80,16 +80,25 @@ export function copyChain(fx: Fixtures, c: Chain): Chain {
   return chainIn(dir);
 }
 
-/** `qemu-img map --output=json` without host offsets, adjacent equal extents merged. */
-export async function layout(file: string): Promise<Record<string, unknown>[]> {
+/**
+ * `qemu-img map --output=json` without host offsets, adjacent equal extents merged. With `host`, each
+ * extent also says whether it has a host offset, so a zero cluster that keeps its host cluster is told
+ * from a plain one (the offsets themselves may differ between tools).
+ */
+export async function layout(
+  file: string,
+  opts: { host?: boolean } = {},
+): Promise<Record<string, unknown>[]> {
   const r = await qemuOk(["map", "--output=json", file]);
+  const keys = ["depth", "present", "zero", "data", ...(opts.host === true ? ["host"] : [])];
   const out: Record<string, unknown>[] = [];
   for (const e of JSON.parse(r.stdout) as Record<string, unknown>[]) {
+    if (opts.host === true) e.host = e.offset !== undefined;
     delete e.offset;
     const last = out.at(-1);
     if (
       last !== undefined &&
-      ["depth", "present", "zero", "data"].every((k) => last[k] === e[k]) &&
+      keys.every((k) => last[k] === e[k]) &&
       Number(last.start) + Number(last.length) === e.start
     ) {
       last.length = Number(last.length) + Number(e.length);
@@ -98,6 +107,14 @@ export async function layout(file: string): Promise<Record<string, unknown>[]> {
     }
   }
   return out;
+}
+
+/** The three layers of two chains have the same {@link layout} with host-offset presence. */
+export async function expectSameHostLayouts(q: Chain, b: Chain): Promise<void> {
+  for (const name of ["top.qcow2", "mid.qcow2", "base.qcow2"]) {
+    const [bm, qm] = [await layout(b.at(name), { host: true }), await layout(q.at(name), { host: true })];
+    expect({ name, map: bm }).toEqual({ name, map: qm });
+  }
 }
 
 /** The backing members of `qemu-img info --output=json` plus the size and format-specific data. */

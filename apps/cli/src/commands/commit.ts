@@ -221,6 +221,7 @@ export async function commit(args: readonly string[], ctx: Context): Promise<num
     imageOpts,
     // The image itself is only emptied afterwards, on its file, once closed.
     readOnly: true,
+    discard: "unmap",
     onWarning: (m) => ctx.err(`${m}\n`),
   });
   let restore: (() => Promise<void>) | undefined;

@@ -154,13 +154,13 @@ async function rebaseData(
           const end = start + bytes;
           // Whole allocation units below the old backing file's end: the copy engine moves them.
           if (Math.min(end, limit) > start) work.setDirty(start, Math.min(end, limit) - start);
-          // The rest (the unit across its end, and past it) is written here. Past the end qemu-img writes
-          // zeroes; blk writes zero data, because the qcow2 driver skips zero writes on an image that has
-          // no backing file yet (it gets one afterwards).
+          // The rest (the unit across its end, and past it) is written here; past the end as zeroes, as
+          // qemu-img does (qcow2 makes them zero clusters, which the new backing file cannot show through).
           const from = Math.max(start, limit);
           if (end > from) {
             try {
-              await edge.write(from, bufOld.slice(from - offset, end - offset));
+              if (offset >= oldSize) await edge.writeZeroes(from, end - from);
+              else await edge.write(from, bufOld.slice(from - offset, end - offset));
             } catch (e) {
               throw new CliError(`Error while writing to COW image: ${strerrorOf(e)}`);
             }
