@@ -101,6 +101,9 @@ function run(tool, c) {
   const src = images[c.src];
   const srcFmt = c.srcFmt ?? "raw";
   const [cmd, args, env] = tools[tool](["convert", ...(c.flags ?? []), "-f", srcFmt, "-O", c.fmt, src, dst]);
+  // Start each run with no dirty pages left by the previous one: otherwise whichever tool runs while the
+  // kernel writes back the other's output is throttled, and the figures swing by 2-3x between runs.
+  spawnSync("sync");
   const t = performance.now();
   const r = spawnSync(cmd, args, { stdio: ["ignore", "ignore", "pipe"], env });
   const secs = (performance.now() - t) / 1000;

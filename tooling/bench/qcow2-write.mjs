@@ -21,7 +21,7 @@ import { openQcow2 } from "@blk/drivers/qcow2";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const MiB = 1024 * 1024;
-const sizeMiB = Number(process.env.BLK_BENCH_SIZE_MIB ?? 256);
+const sizeMiB = Number(process.env.BLK_BENCH_SIZE_MIB ?? 1024);
 const rounds = Number(process.env.BLK_BENCH_ROUNDS ?? 3);
 const size = sizeMiB * MiB;
 if (!existsSync(join(root, "packages/drivers/dist/qcow2/index.js"))) {
