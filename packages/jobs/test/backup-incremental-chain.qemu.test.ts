@@ -9,13 +9,12 @@
  */
 import { BlockGraph, type BlockNode, backendParent, type DirtyBitmap, PERM } from "@blk/core";
 import { type BlkdebugState, blkdebugDriver } from "@blk/drivers/blkdebug";
-import { fileDriver } from "@blk/drivers/file";
-import { createQcow2, qcow2Driver } from "@blk/drivers/qcow2";
 import { makeTempDir, missingPeers, run } from "@blk/testkit";
 import { describe, expect, it } from "vitest";
 import { type BackupJob, type BackupOptions, backup } from "../src/index.ts";
 import { type ManualClock, setup } from "./helpers.ts";
 import { rng } from "./mirror-helpers.ts";
+import { openQcow2File } from "./qcow2-files.ts";
 
 const C = 65536;
 const MiB = 1 << 20;
@@ -51,29 +50,8 @@ describe.skipIf(missing.length > 0)(`incremental backup chain on qcow2 files (${
     const { manager, clock } = setup();
     const r = rng(77);
     const jobs: BackupJob[] = [];
-    async function qcow2(name: string, backing?: BlockNode, debug = false): Promise<BlockNode> {
-      const filename = dir.join(`${name}.qcow2`);
-      await createQcow2({
-        filename,
-        size: SIZE,
-        ...(backing === undefined
-          ? {}
-          : { backingFile: `${backing.nodeName}.qcow2`, backingFormat: "qcow2" }),
-      });
-      let file = await graph.open(fileDriver, { filename }, { nodeName: `${name}-file`, owned: false });
-      if (debug) {
-        file = await graph.open(
-          blkdebugDriver,
-          {},
-          { nodeName: `${name}-dbg`, owned: false, children: { image: file } },
-        );
-      }
-      return graph.open(
-        qcow2Driver,
-        {},
-        { nodeName: name, children: { file, ...(backing ? { backing } : {}) } },
-      );
-    }
+    const qcow2 = (name: string, backing?: BlockNode, debug = false): Promise<BlockNode> =>
+      openQcow2File(graph, dir, name, SIZE, { backing, debug });
     const start = async (options: Omit<BackupOptions, "graph" | "device">): Promise<BackupJob> => {
       const job = await backup(manager, { graph, device: "disk", ...options });
       jobs.push(job);

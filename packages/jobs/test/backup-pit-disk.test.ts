@@ -15,12 +15,11 @@
  */
 import { createHash } from "node:crypto";
 import { BlockGraph, BlockNode, backendParent, type Edge, PERM } from "@blk/core";
-import { fileDriver } from "@blk/drivers/file";
-import { createQcow2, qcow2Driver } from "@blk/drivers/qcow2";
 import { makeTempDir, rng, type TempDir } from "@blk/testkit";
 import { afterEach, describe, expect, it } from "vitest";
 import { type BackupJob, type BackupOptions, backup, type JobManager } from "../src/index.ts";
 import { type ManualClock, setup } from "./helpers.ts";
+import { openQcow2File } from "./qcow2-files.ts";
 
 const C = 65536;
 const MiB = 1 << 20;
@@ -249,22 +248,7 @@ async function disk(): Promise<Disk> {
       d.jobs.push(job);
       return job;
     },
-    async qcow2(name, backing) {
-      const filename = dir.join(`${name}.qcow2`);
-      await createQcow2({
-        filename,
-        size: SIZE,
-        ...(backing === undefined
-          ? {}
-          : { backingFile: `${backing.nodeName}.qcow2`, backingFormat: "qcow2" }),
-      });
-      const file = await graph.open(fileDriver, { filename }, { nodeName: `${name}-file`, owned: false });
-      return graph.open(
-        qcow2Driver,
-        {},
-        { nodeName: name, children: { file, ...(backing ? { backing } : {}) } },
-      );
-    },
+    qcow2: (name, backing) => openQcow2File(graph, dir, name, SIZE, { backing }),
   };
   current = d;
   return d;
@@ -470,18 +454,10 @@ describe(`backup point in time on qcow2 files, ${SIZE / MiB} MiB, guest overwrit
     const plan = guestPlan(8);
     const model = applyPlan(start, plan, (c, out) => layerCluster(7, c, out));
     // the overlay's image names no backing file: its backing edge is the source node itself
-    const ovFile = d.dir.join("fleece.qcow2");
-    await createQcow2({ filename: ovFile, size: SIZE });
-    const file = await d.graph.open(
-      fileDriver,
-      { filename: ovFile },
-      { nodeName: "fleece-file", owned: false },
-    );
-    const overlay = await d.graph.open(
-      qcow2Driver,
-      {},
-      { nodeName: "fleece", children: { file, backing: src } },
-    );
+    const overlay = await openQcow2File(d.graph, d.dir, "fleece", SIZE, {
+      backing: src,
+      headerBacking: false,
+    });
 
     const job = await d.backup({
       "job-id": "pit-none",
