@@ -16,10 +16,10 @@
  */
 import { existsSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
-import type { BlockNode } from "@blk/core";
 import { makeTempDir, missingPeers, rng, run, spawnPeer } from "@blk/testkit";
 import { afterAll, describe, expect, it } from "vitest";
 import { createQcow2, openQcow2 } from "../src/qcow2/index.ts";
+import { type LogEntry, logFileWrites } from "./fixtures/qcow2/helpers.ts";
 
 const CHILD = fileURLToPath(new URL("./fixtures/qcow2-crash-child.mjs", import.meta.url));
 const DIST = fileURLToPath(new URL("../dist/qcow2/state.js", import.meta.url));
@@ -234,28 +234,6 @@ describe.skipIf(!built || missing.length > 0)(
     }, 240_000);
   },
 );
-
-type LogEntry = { offset: number; data: Uint8Array } | "flush";
-
-/** Records every write and flush the driver sends to its file. */
-function logFileWrites(node: BlockNode, log: LogEntry[]): void {
-  const file = node.children.get("file")?.child;
-  if (file === undefined) throw new Error("no file child");
-  const st = file.state as unknown as {
-    write(o: number, d: Uint8Array, f?: unknown): Promise<void>;
-    flush(f?: unknown): Promise<void>;
-  };
-  const write = st.write.bind(st);
-  const flush = st.flush.bind(st);
-  st.write = (o, d, f) => {
-    log.push({ offset: o, data: d.slice() });
-    return write(o, d, f);
-  };
-  st.flush = (f) => {
-    log.push("flush");
-    return flush(f);
-  };
-}
 
 describe.skipIf(missing.length > 0)(
   "qcow2 crash at every file write of concurrent allocations",

@@ -6,10 +6,10 @@
  * leaked clusters, never a corruption, and an image QEMU opens.
  */
 import { readFileSync, writeFileSync } from "node:fs";
-import type { BlockNode } from "@blk/core";
 import { makeTempDir, missingPeers, pattern, rng, run } from "@blk/testkit";
 import { afterAll, describe, expect, it } from "vitest";
 import { createQcow2, openQcow2 } from "../src/qcow2/index.ts";
+import { type LogEntry, logFileWrites } from "./fixtures/qcow2/helpers.ts";
 
 const missing = missingPeers(["qemu-img", "qemu-io"]);
 if (missing.length > 0) console.warn(`skipping qcow2 growth tests: missing ${missing.join(", ")}`);
@@ -47,28 +47,6 @@ async function sameAs(name: string, model: Uint8Array): Promise<boolean> {
   writeFileSync(dir.join(`${name}.model`), model);
   const r = await sh("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", name, `${name}.model`], [0, 1]);
   return r.code === 0;
-}
-
-type LogEntry = { offset: number; data: Uint8Array } | "flush";
-
-/** Records every write and flush the driver sends to its file. */
-function logFileWrites(node: BlockNode, log: LogEntry[]): void {
-  const file = node.children.get("file")?.child;
-  if (file === undefined) throw new Error("no file child");
-  const st = file.state as unknown as {
-    write(o: number, d: Uint8Array, f?: unknown): Promise<void>;
-    flush(f?: unknown): Promise<void>;
-  };
-  const write = st.write.bind(st);
-  const flush = st.flush.bind(st);
-  st.write = (o, d, f) => {
-    log.push({ offset: o, data: d.slice() });
-    return write(o, d, f);
-  };
-  st.flush = (f) => {
-    log.push("flush");
-    return flush(f);
-  };
 }
 
 /** The file after a crash following log entry `k`: writes after the last flush kept or lost at random. */

@@ -4,10 +4,10 @@
  * tables) without changing the snapshot's view, apply and delete keep `qemu-img check` clean.
  */
 import { readFileSync, writeFileSync } from "node:fs";
-import type { BlockNode } from "@blk/core";
 import { makeTempDir, missingPeers, run, sha256 } from "@blk/testkit";
 import { afterAll, describe, expect, it } from "vitest";
 import { openQcow2 } from "../src/qcow2/index.ts";
+import { type LogEntry, logFileWrites } from "./fixtures/qcow2/helpers.ts";
 
 const missing = missingPeers(["qemu-img", "qemu-io"]);
 if (missing.length > 0) console.warn(`skipping qcow2 snapshot tests: missing ${missing.join(", ")}`);
@@ -61,28 +61,6 @@ async function names(name: string): Promise<string[]> {
   const r = await sh("qemu-img", ["info", "--output=json", name]);
   const j = JSON.parse(r.out) as { snapshots?: { id: string; name: string }[] };
   return (j.snapshots ?? []).map((s) => `${s.id}:${s.name}`);
-}
-
-type LogEntry = { offset: number; data: Uint8Array } | "flush";
-
-/** Records every write and flush the qcow2 node sends to its `file` child, in order. */
-function logFileWrites(node: BlockNode, log: LogEntry[]): void {
-  const file = node.children.get("file")?.child;
-  if (file === undefined) throw new Error("no file child");
-  const st = file.state as unknown as {
-    write(o: number, d: Uint8Array, f?: unknown): Promise<void>;
-    flush(f?: unknown): Promise<void>;
-  };
-  const write = st.write.bind(st);
-  const flush = st.flush.bind(st);
-  st.write = (o, d, f) => {
-    log.push({ offset: o, data: d.slice() });
-    return write(o, d, f);
-  };
-  st.flush = (f) => {
-    log.push("flush");
-    return flush(f);
-  };
 }
 
 describe.skipIf(missing.length > 0)("qcow2 internal snapshots", () => {

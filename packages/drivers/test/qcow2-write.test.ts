@@ -6,7 +6,6 @@
  * refcounts set and clear the dirty bit; a file cut short mid-sequence shows at most leaks.
  */
 import { readFileSync, writeFileSync } from "node:fs";
-import type { BlockNode } from "@blk/core";
 import { makeTempDir, missingPeers, pattern, run, sha256 } from "@blk/testkit";
 import fc from "fast-check";
 import { afterAll, describe, expect, it } from "vitest";
@@ -17,6 +16,7 @@ import {
   qcow2Driver,
   qcow2ImageInfo,
 } from "../src/qcow2/index.ts";
+import { type LogEntry, logFileWrites } from "./fixtures/qcow2/helpers.ts";
 
 const missing = missingPeers(["qemu-img", "qemu-io"]);
 if (missing.length > 0) console.warn(`skipping qcow2 write tests: missing ${missing.join(", ")}`);
@@ -231,28 +231,6 @@ function opArb(size: number, cs: number, kinds: readonly Op["kind"][]): fc.Arbit
         ? { kind: "write", offset: r.offset, length: len, seed: r.seed }
         : { kind: r.kind, offset: r.offset, length: len };
     });
-}
-
-type LogEntry = { offset: number; data: Uint8Array } | "flush";
-
-/** Records every write and flush the qcow2 node sends to its `file` child, in order. */
-function logFileWrites(node: BlockNode, log: LogEntry[]): void {
-  const file = node.children.get("file")?.child;
-  if (file === undefined) throw new Error("no file child");
-  const st = file.state as unknown as {
-    write(o: number, d: Uint8Array, f?: unknown): Promise<void>;
-    flush(f?: unknown): Promise<void>;
-  };
-  const write = st.write.bind(st);
-  const flush = st.flush.bind(st);
-  st.write = (o, d, f) => {
-    log.push({ offset: o, data: d.slice() });
-    return write(o, d, f);
-  };
-  st.flush = (f) => {
-    log.push("flush");
-    return flush(f);
-  };
 }
 
 describe.skipIf(missing.length > 0)("qcow2 writes", () => {
