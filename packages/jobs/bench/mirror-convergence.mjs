@@ -12,16 +12,14 @@
 // Printed per daemon and mode: seconds to READY (or "no READY within the cap" with the remaining
 // backlog), the writer's IOPS meanwhile, and for auto the second at which it switched. Not a test.
 import { spawn, spawnSync } from "node:child_process";
-import { randomFillSync } from "node:crypto";
-import { closeSync, existsSync, mkdtempSync, openSync, rmSync, truncateSync, writeSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { existsSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
-import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import { BlockGraph } from "@blk/core";
 import { fileDriver } from "@blk/drivers/file";
 import { NbdServer } from "@blk/drivers/nbd";
 import { QmpClient } from "@blk/qmp";
+import { guestWorkspace, sleep } from "./guest-bench.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const distIndex = join(here, "..", "dist", "index.js");
@@ -39,52 +37,15 @@ const qd = Number(process.env.BLK_BENCH_QD ?? 4);
 const bs = Number(process.env.BLK_BENCH_BS ?? 4096);
 const size = sizeMiB * MiB;
 
-const dir = mkdtempSync(join(tmpdir(), "blk-mirror-conv-"));
-const children = new Set();
-process.on("exit", () => {
-  for (const c of children) c.kill("SIGKILL");
-  rmSync(dir, { recursive: true, force: true });
-});
-for (const sig of ["SIGINT", "SIGTERM"]) process.on(sig, () => process.exit(130));
-
-const source = join(dir, "src.raw");
-{
-  const fd = openSync(source, "w");
-  const buf = Buffer.alloc(4 * MiB);
-  for (let off = 0; off < size; off += buf.length) writeSync(fd, randomFillSync(buf), 0, buf.length, off);
-  closeSync(fd);
-}
-const freshTarget = () => {
-  const t = join(dir, "tgt.raw");
-  rmSync(t, { force: true });
-  closeSync(openSync(t, "w"));
-  truncateSync(t, size);
-  return t;
-};
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-async function startWriter(sock) {
-  const child = spawn(
-    process.execPath,
-    [join(here, "nbd-writer.mjs"), sock, "disk", String(size), String(bs), String(qd)],
-    {
-      cwd: here,
-      stdio: ["pipe", "pipe", "inherit"],
-    },
-  );
-  children.add(child);
-  const it = createInterface({ input: child.stdout })[Symbol.asyncIterator]();
-  const first = await it.next();
-  if (first.value !== "ready") throw new Error(`writer: ${first.value}`);
-  return {
-    async stop() {
-      child.stdin.end("stop\n");
-      const r = await it.next();
-      children.delete(child);
-      return JSON.parse(r.value);
-    },
-  };
-}
+const {
+  dir,
+  children,
+  source,
+  freshTarget,
+  startWriter: startGuest,
+} = guestWorkspace("blk-mirror-conv-", size);
+/** Starts the guest writer on the export at `sock`; `stop()` resolves with its statistics. */
+const startWriter = (sock) => startGuest(sock, bs, qd);
 
 async function blk(mode) {
   const graph = new BlockGraph();
