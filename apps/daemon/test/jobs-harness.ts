@@ -302,6 +302,27 @@ async function ok(cmd: string, args: string[]): Promise<string> {
 export const qemuImg = (...args: string[]): Promise<string> => ok("qemu-img", args);
 export const qemuIo = (...args: string[]): Promise<string> => ok("qemu-io", args);
 
+/**
+ * The scenarios' chain in `dir`: base.qcow2 (0x11 at 0, 1 MiB) ← src.qcow2 (0x22 at 2 MiB, 1 MiB; 0x33 at
+ * 6 MiB, 512 KiB), 8 MiB; plus an empty 8 MiB qcow2 for each name in `targets`.
+ */
+export async function chain(dir: TempDir, ...targets: string[]): Promise<void> {
+  await qemuImg("create", "-q", "-f", "qcow2", dir.join("base.qcow2"), "8M");
+  await qemuIo("-c", "write -P 0x11 0 1M", dir.join("base.qcow2"));
+  await qemuImg(
+    "create",
+    "-q",
+    "-f",
+    "qcow2",
+    "-b",
+    dir.join("base.qcow2"),
+    "-F",
+    "qcow2",
+    dir.join("src.qcow2"),
+  );
+  await qemuIo("-c", "write -P 0x22 2M 1M", "-c", "write -P 0x33 6M 512k", dir.join("src.qcow2"));
+  for (const t of targets) await qemuImg("create", "-q", "-f", "qcow2", dir.join(t), "8M");
+}
 /** `qemu-img info` with the dir masked and sizes on disk dropped. */
 export async function imageInfo(dir: string, file: string): Promise<unknown> {
   const info = JSON.parse(await qemuImg("info", "--output=json", "-U", `${dir}/${file}`)) as Record<

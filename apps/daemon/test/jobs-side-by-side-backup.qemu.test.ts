@@ -3,40 +3,20 @@
  * full/top/none, an incremental backup set up by a transaction with a bitmap, manual finalize and dismiss,
  * drive-backup (target created) as a command and as grouped transaction actions.
  */
-import type { TempDir } from "@blk/testkit";
 import { missingPeers } from "@blk/testkit";
 import { describe, expect, it } from "vitest";
 import {
   type Ctx,
+  chain,
   expectSame,
   expectSameImage,
   nbdWrite,
   qemuImg,
-  qemuIo,
   sideBySide,
 } from "./jobs-harness.ts";
 
 const missing = missingPeers(["qemu-storage-daemon", "qemu-img", "qemu-io"]);
 if (missing.length > 0) console.log(`jobs-side-by-side-backup: skipped, missing ${missing.join(", ")}`);
-
-/** base.qcow2 (0x11 at 0, 1 MiB) ← src.qcow2 (0x22 at 2 MiB, 1 MiB; 0x33 at 6 MiB, 512 KiB), 8 MiB. */
-async function chain(dir: TempDir, ...targets: string[]): Promise<void> {
-  await qemuImg("create", "-q", "-f", "qcow2", dir.join("base.qcow2"), "8M");
-  await qemuIo("-c", "write -P 0x11 0 1M", dir.join("base.qcow2"));
-  await qemuImg(
-    "create",
-    "-q",
-    "-f",
-    "qcow2",
-    "-b",
-    dir.join("base.qcow2"),
-    "-F",
-    "qcow2",
-    dir.join("src.qcow2"),
-  );
-  await qemuIo("-c", "write -P 0x22 2M 1M", "-c", "write -P 0x33 6M 512k", dir.join("src.qcow2"));
-  for (const t of targets) await qemuImg("create", "-q", "-f", "qcow2", dir.join(t), "8M");
-}
 
 const addQcow2 = (ctx: Ctx, name: string, file: string, extra: Record<string, unknown> = { backing: null }) =>
   ctx.must("blockdev-add", {

@@ -8,6 +8,7 @@ import { missingPeers } from "@blk/testkit";
 import { describe, expect, it } from "vitest";
 import {
   type Ctx,
+  chain,
   expectSame,
   expectSameImage,
   nbdWrite,
@@ -18,24 +19,6 @@ import {
 
 const missing = missingPeers(["qemu-storage-daemon", "qemu-img", "qemu-io"]);
 if (missing.length > 0) console.log(`jobs-side-by-side: skipped, missing ${missing.join(", ")}`);
-
-/** base.qcow2 (0x11 at 0, 1 MiB) ← src.qcow2 (0x22 at 2 MiB, 1 MiB; 0x33 at 6 MiB, 512 KiB), 8 MiB. */
-async function chain(dir: TempDir): Promise<void> {
-  await qemuImg("create", "-q", "-f", "qcow2", dir.join("base.qcow2"), "8M");
-  await qemuIo("-c", "write -P 0x11 0 1M", dir.join("base.qcow2"));
-  await qemuImg(
-    "create",
-    "-q",
-    "-f",
-    "qcow2",
-    "-b",
-    dir.join("base.qcow2"),
-    "-F",
-    "qcow2",
-    dir.join("src.qcow2"),
-  );
-  await qemuIo("-c", "write -P 0x22 2M 1M", "-c", "write -P 0x33 6M 512k", dir.join("src.qcow2"));
-}
 
 const emptyQcow2 = (dir: TempDir, name: string, ...extra: string[]) =>
   qemuImg("create", "-q", "-f", "qcow2", ...extra, dir.join(name), "8M");
