@@ -11,8 +11,7 @@ import type { DaemonState } from "../context.ts";
 import { qmpErrors } from "../errors.ts";
 import { driveCommands } from "./drive.ts";
 import {
-  BackupPerf,
-  BitmapMode,
+  BACKUP_COMMON_TAIL,
   CopyMode,
   checkBackupNodes,
   checkRoot,
@@ -53,16 +52,7 @@ export const BlockdevBackup = q.object(
     device: q.str(),
     target: q.str(),
     sync: SyncMode,
-    speed: q.optional(q.int()),
-    bitmap: q.optional(q.str()),
-    "bitmap-mode": q.optional(BitmapMode),
-    compress: q.optional(q.bool()),
-    "on-source-error": q.optional(OnError),
-    "on-target-error": q.optional(OnError),
-    "auto-finalize": q.optional(q.bool()),
-    "auto-dismiss": q.optional(q.bool()),
-    "filter-node-name": q.optional(q.str()),
-    "x-perf": q.optional(BackupPerf),
+    ...BACKUP_COMMON_TAIL,
     // blk extensions: old data buffered in memory so guest writes need not wait for the target (bytes;
     // 0 = QEMU's behaviour), and a cap on how long a guest write may wait for copy-before-write (ms).
     "x-blk-cbw-buffer-size": q.optional(q.int()),

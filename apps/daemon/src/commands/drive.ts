@@ -31,8 +31,7 @@ import type { DaemonState } from "../context.ts";
 import { asQmpError, generic, qmpErrors } from "../errors.ts";
 import { jobAction, nodeFileName, type PreparedAction, runAction } from "./actions.ts";
 import {
-  BackupPerf,
-  BitmapMode,
+  BACKUP_COMMON_TAIL,
   CopyMode,
   checkNotBusy,
   checkRoot,
@@ -76,16 +75,7 @@ export const DriveBackup = q.object(
     format: q.optional(q.str()),
     sync: SyncMode,
     mode: q.optional(NewImageMode),
-    speed: q.optional(q.int()),
-    bitmap: q.optional(q.str()),
-    "bitmap-mode": q.optional(BitmapMode),
-    compress: q.optional(q.bool()),
-    "on-source-error": q.optional(OnError),
-    "on-target-error": q.optional(OnError),
-    "auto-finalize": q.optional(q.bool()),
-    "auto-dismiss": q.optional(q.bool()),
-    "filter-node-name": q.optional(q.str()),
-    "x-perf": q.optional(BackupPerf),
+    ...BACKUP_COMMON_TAIL,
   },
   { name: "DriveBackup" },
 );

@@ -24,6 +24,23 @@ export const BackupPerf = q.object(
   { name: "BackupPerf" },
 );
 
+/**
+ * The members of QEMU's `BackupCommon` after `sync`, in its order, which `blockdev-backup` and
+ * `drive-backup` share.
+ */
+export const BACKUP_COMMON_TAIL = {
+  speed: q.optional(q.int()),
+  bitmap: q.optional(q.str()),
+  "bitmap-mode": q.optional(BitmapMode),
+  compress: q.optional(q.bool()),
+  "on-source-error": q.optional(OnError),
+  "on-target-error": q.optional(OnError),
+  "auto-finalize": q.optional(q.bool()),
+  "auto-dismiss": q.optional(q.bool()),
+  "filter-node-name": q.optional(q.str()),
+  "x-perf": q.optional(BackupPerf),
+} as const;
+
 /** QEMU's `bdrv_lookup_bs(device, device)`. @throws {QmpError} `Cannot find device='X' nor node-name='X'` */
 export function lookupDevice(state: DaemonState, device: string): BlockNode {
   const node = state.graph.find(device);
