@@ -6,37 +6,18 @@
  * structures only, file truncated). Reference: /work/shared/spec/qcow2.md §2–§4, §8.
  */
 import { BlkError, type BlockNode, type Edge } from "@blk/core";
-import { parseHeader, QCOW2_MAGIC, type Qcow2Header } from "@blk/drivers/qcow2";
+import {
+  featureNameTable,
+  INCOMPAT_DATA_FILE,
+  INCOMPAT_DIRTY,
+  parseHeader,
+  QCOW2_EXT,
+  QCOW2_MAGIC,
+  type Qcow2Header,
+} from "@blk/drivers/qcow2";
 
-/** Header extension types (qcow2.md §4). */
-const EXT_BACKING_FORMAT = 0xe2792aca;
-const EXT_FEATURE_TABLE = 0x6803f857;
-const EXT_BITMAPS = 0x23852875;
-const EXT_CRYPTO = 0x0537be77;
-const EXT_DATA_FILE = 0x44415441;
-
-/** Incompatible bit 0: refcounts may be wrong. */
-const INCOMPAT_DIRTY = 0x1;
-/** Incompatible bit 2: external data file. */
-export const INCOMPAT_DATA_FILE = 0x4;
-/** Incompatible bit 3: compression type field is non-zero. */
-export const INCOMPAT_COMPRESSION = 0x8;
-/** Compatible bit 0: lazy refcounts. */
-export const COMPAT_LAZY_REFCOUNTS = 0x1;
 /** Offset of `incompatible_features`. */
 const INCOMPAT_AT = 72;
-
-/** The feature name table QEMU 7.2 writes (type, bit, name). */
-const FEATURES: readonly [number, number, string][] = [
-  [0, 0, "dirty bit"],
-  [0, 1, "corrupt bit"],
-  [0, 2, "external data file"],
-  [0, 3, "compression type"],
-  [0, 4, "extended L2 entries"],
-  [1, 0, "lazy refcounts"],
-  [2, 0, "bitmaps"],
-  [2, 1, "raw external data"],
-];
 
 /** The first cluster and parsed header of the qcow2 image behind a protocol edge. */
 export async function readHeader(file: Edge): Promise<{ header: Qcow2Header; clusterSize: number }> {
@@ -103,25 +84,19 @@ export function serializeHeader(h: Qcow2Header, clusterSize: number): Uint8Array
     out.set(data, pos + 8);
     pos += 8 + padded;
   };
-  if (h.backingFormat !== undefined) add(EXT_BACKING_FORMAT, enc.encode(h.backingFormat));
+  if (h.backingFormat !== undefined) add(QCOW2_EXT.BACKING_FORMAT, enc.encode(h.backingFormat));
   if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0 && h.dataFile !== undefined) {
-    add(EXT_DATA_FILE, enc.encode(h.dataFile));
+    add(QCOW2_EXT.DATA_FILE, enc.encode(h.dataFile));
   }
   if (h.crypto !== undefined && h.crypto.offset !== 0) {
     const c = new Uint8Array(16);
     const cv = new DataView(c.buffer);
     u64(cv, 0, h.crypto.offset);
     u64(cv, 8, h.crypto.length);
-    add(EXT_CRYPTO, c);
+    add(QCOW2_EXT.CRYPTO, c);
   }
   if (h.version >= 3 && clusterSize > 4096) {
-    const t = new Uint8Array(FEATURES.length * 48);
-    FEATURES.forEach(([type, bit, name], i) => {
-      t[i * 48] = type;
-      t[i * 48 + 1] = bit;
-      t.set(enc.encode(name), i * 48 + 2);
-    });
-    add(EXT_FEATURE_TABLE, t);
+    add(QCOW2_EXT.FEATURE_TABLE, featureNameTable());
   }
   if (h.bitmaps !== undefined && h.bitmaps.nbBitmaps > 0) {
     const b = new Uint8Array(24);
@@ -129,7 +104,7 @@ export function serializeHeader(h: Qcow2Header, clusterSize: number): Uint8Array
     bv.setUint32(0, h.bitmaps.nbBitmaps);
     u64(bv, 8, h.bitmaps.directorySize);
     u64(bv, 16, h.bitmaps.directoryOffset);
-    add(EXT_BITMAPS, b);
+    add(QCOW2_EXT.BITMAPS, b);
   }
   for (const e of h.unknownExtensions) add(e.type, e.data);
   add(0, new Uint8Array(0));

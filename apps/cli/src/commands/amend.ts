@@ -8,14 +8,17 @@
  */
 import { type BlockNode, backendParent, PERM, PERM_ALL } from "@blk/core";
 import { type OpenedImage, openImage } from "@blk/drivers";
-import type { Qcow2Header, Qcow2Snapshot } from "@blk/drivers/qcow2";
 import {
-  assertEditable,
   COMPAT_LAZY_REFCOUNTS,
-  changeRefcountOrder,
-  expandZeroClusters,
   INCOMPAT_COMPRESSION,
   INCOMPAT_DATA_FILE,
+  type Qcow2Header,
+  type Qcow2Snapshot,
+} from "@blk/drivers/qcow2";
+import {
+  assertEditable,
+  changeRefcountOrder,
+  expandZeroClusters,
   readHeader,
   writeHeader,
 } from "../amend-qcow2.ts";

@@ -7,7 +7,7 @@
  */
 import { BlkError, BlockGraph, backendParent, PERM } from "@blk/core";
 import { fileDriver } from "../file/index.ts";
-import { COMPAT_LAZY_REFCOUNTS, QCOW2_MAGIC } from "./format.ts";
+import { COMPAT_LAZY_REFCOUNTS, featureNameTable, QCOW2_EXT, QCOW2_MAGIC } from "./format.ts";
 
 /** Options of {@link createQcow2} (QEMU's `BlockdevCreateOptionsQcow2`, camel-cased). */
 export interface CreateQcow2Options {
@@ -130,21 +130,7 @@ export function qcow2CreateOptions(input: CreateQcow2Options | Qcow2CreateQapi):
   return out;
 }
 
-const EXT_BACKING_FORMAT = 0xe2792aca;
-const EXT_FEATURE_TABLE = 0x6803f857;
 const MAX_L1_BYTES = 32 * 1024 * 1024;
-
-/** QEMU's feature name table (qcow2.md §3.4), in QEMU's order. */
-const FEATURES: readonly [number, number, string][] = [
-  [0, 0, "dirty bit"],
-  [0, 1, "corrupt bit"],
-  [0, 2, "external data file"],
-  [0, 3, "compression type"],
-  [0, 4, "extended L2 entries"],
-  [1, 0, "lazy refcounts"],
-  [2, 0, "bitmaps"],
-  [2, 1, "raw external data"],
-];
 
 const pad8 = (n: number): number => Math.ceil(n / 8) * 8;
 
@@ -242,15 +228,9 @@ function buildHeader(o: CreateQcow2Options, p: Layout): Uint8Array {
     buf.set(data, at + 8);
     at += 8 + pad8(data.length);
   };
-  if (o.backingFormat !== undefined) ext(EXT_BACKING_FORMAT, Buffer.from(o.backingFormat, "latin1"));
+  if (o.backingFormat !== undefined) ext(QCOW2_EXT.BACKING_FORMAT, Buffer.from(o.backingFormat, "latin1"));
   if (p.version === 3 && cs > 4096) {
-    const t = new Uint8Array(FEATURES.length * 48);
-    FEATURES.forEach(([type, bit, name], i) => {
-      t[i * 48] = type;
-      t[i * 48 + 1] = bit;
-      t.set(Buffer.from(name, "latin1"), i * 48 + 2);
-    });
-    ext(EXT_FEATURE_TABLE, t);
+    ext(QCOW2_EXT.FEATURE_TABLE, featureNameTable());
   }
   at += 8; // end-of-extensions marker (all zero)
   if (o.backingFile !== undefined) {

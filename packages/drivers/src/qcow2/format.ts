@@ -14,7 +14,7 @@ export const QCOW2_MAGIC = 0x514649fb;
 export const INCOMPAT_DIRTY = 0x01;
 export const INCOMPAT_CORRUPT = 0x02;
 export const INCOMPAT_DATA_FILE = 0x04;
-const INCOMPAT_COMPRESSION = 0x08;
+export const INCOMPAT_COMPRESSION = 0x08;
 export const INCOMPAT_EXTL2 = 0x10;
 /** The incompatible bits QEMU 7.2 knows. */
 const INCOMPAT_KNOWN = 0x1f;
@@ -26,12 +26,46 @@ const AUTOCLEAR_BITMAPS = 0x01;
 export const AUTOCLEAR_DATA_FILE_RAW = 0x02;
 
 /** Header extension types (qcow2.txt "Header extensions"). */
-const EXT_END = 0x00000000;
-const EXT_BACKING_FORMAT = 0xe2792aca;
-const EXT_FEATURE_TABLE = 0x6803f857;
-const EXT_BITMAPS = 0x23852875;
-const EXT_CRYPTO = 0x0537be77;
-const EXT_DATA_FILE = 0x44415441;
+export const QCOW2_EXT = {
+  END: 0x00000000,
+  BACKING_FORMAT: 0xe2792aca,
+  FEATURE_TABLE: 0x6803f857,
+  BITMAPS: 0x23852875,
+  CRYPTO: 0x0537be77,
+  DATA_FILE: 0x44415441,
+} as const;
+const EXT_END = QCOW2_EXT.END;
+const EXT_BACKING_FORMAT = QCOW2_EXT.BACKING_FORMAT;
+const EXT_FEATURE_TABLE = QCOW2_EXT.FEATURE_TABLE;
+const EXT_BITMAPS = QCOW2_EXT.BITMAPS;
+const EXT_CRYPTO = QCOW2_EXT.CRYPTO;
+const EXT_DATA_FILE = QCOW2_EXT.DATA_FILE;
+
+/** QEMU's feature name table (qcow2.md §3.4), in QEMU's order: (type, bit, name). */
+const FEATURES: readonly [number, number, string][] = [
+  [0, 0, "dirty bit"],
+  [0, 1, "corrupt bit"],
+  [0, 2, "external data file"],
+  [0, 3, "compression type"],
+  [0, 4, "extended L2 entries"],
+  [1, 0, "lazy refcounts"],
+  [2, 0, "bitmaps"],
+  [2, 1, "raw external data"],
+];
+
+/**
+ * The payload of the feature name table extension QEMU 7.2 writes (48 bytes per feature: type, bit,
+ * name padded with zeroes), which version-3 images with clusters over 4 KiB carry.
+ */
+export function featureNameTable(): Uint8Array {
+  const t = new Uint8Array(FEATURES.length * 48);
+  FEATURES.forEach(([type, bit, name], i) => {
+    t[i * 48] = type;
+    t[i * 48 + 1] = bit;
+    t.set(Buffer.from(name, "latin1"), i * 48 + 2);
+  });
+  return t;
+}
 
 /** QEMU's implementation limits (block/qcow2.h). */
 export const MAX_L1_BYTES: number = 32 * 1024 * 1024;
@@ -124,7 +158,7 @@ export function rewriteHeaderExtension(
     out.set(d, 8);
     return out;
   };
-  const before = new Set([EXT_CRYPTO, EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATURE_TABLE]);
+  const before = new Set<number>([EXT_CRYPTO, EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATURE_TABLE]);
   const parts: Uint8Array[] = [cluster0.slice(0, h.headerLength)];
   let placed = false;
   for (let off = h.headerLength; off + 8 <= extEnd; ) {

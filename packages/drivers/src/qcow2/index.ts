@@ -55,7 +55,13 @@ export { type CreateQcow2Options, createQcow2, type Qcow2CreateQapi, qcow2Create
 export {
   BME_FLAG_AUTO,
   BME_FLAG_IN_USE,
+  COMPAT_LAZY_REFCOUNTS,
+  featureNameTable,
+  INCOMPAT_COMPRESSION,
+  INCOMPAT_DATA_FILE,
+  INCOMPAT_DIRTY,
   parseHeader,
+  QCOW2_EXT,
   QCOW2_MAGIC,
   type Qcow2Bitmap,
   type Qcow2Extension,
