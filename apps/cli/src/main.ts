@@ -98,21 +98,40 @@ function guardPipes(): void {
 }
 
 /**
+ * The process's streams, made when first written: a command that prints nothing (a quiet convert) does
+ * not load Node's stream machinery (a few ms of start-up).
+ */
+function processIo(): CliIo {
+  return {
+    stdout: {
+      write: (chunk: string) => {
+        guardPipes();
+        return process.stdout.write(chunk);
+      },
+    },
+    stderr: {
+      write: (chunk: string) => {
+        guardPipes();
+        return process.stderr.write(chunk);
+      },
+    },
+    get isTTY(): boolean {
+      return process.stdout.isTTY === true;
+    },
+    get columns(): number {
+      return process.stdout.columns ?? 80;
+    },
+  };
+}
+
+/**
  * Runs blk-img with `argv` (without the node and script paths) and returns the exit code; output goes
  * to `io` (default: the process's stdout and stderr).
  * @example
  * const code = await main(["create", "-f", "raw", "disk.raw", "64M"]);
  */
 export async function main(argv: readonly string[], io?: CliIo): Promise<number> {
-  if (io === undefined) guardPipes();
-  const ctx = makeContext(
-    io ?? {
-      stdout: process.stdout,
-      stderr: process.stderr,
-      isTTY: process.stdout.isTTY,
-      columns: process.stdout.columns,
-    },
-  );
+  const ctx = makeContext(io ?? processIo());
   try {
     return await dispatch(argv, ctx);
   } catch (e) {

@@ -3,7 +3,7 @@ import { mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { makeTempDir, pattern } from "@blk/testkit";
 import { afterAll, describe, expect, it } from "vitest";
 import { parseImageOpts, splitOptions } from "../src/image.ts";
-import { sparseRuns } from "../src/window.ts";
+import { sparseRuns } from "../src/sparse.ts";
 import { blk } from "./helpers.ts";
 
 const dir = makeTempDir("blk-img");

@@ -1,7 +1,7 @@
 /** `sparseRuns` (convert's `-S` zero-run search): the word-at-a-time check and the no-zero fast path. */
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { sparseRuns } from "../src/window.ts";
+import { sparseRuns } from "../src/sparse.ts";
 
 const RUNS = Number(process.env.BLK_FUZZ_RUNS ?? 25);
 

@@ -24,6 +24,11 @@ export interface CopyError {
   /** Which side failed: `read` (source errors) or `write` (target errors). */
   operation: "read" | "write";
   error: BlkError;
+  /**
+   * First byte of the request that failed, when the chunk read in pieces (`readSize`) and it was not the
+   * first: the lowest-placed piece that failed.
+   */
+  requestOffset?: number;
 }
 
 /** What to do after a failed chunk: `fail` stops the pass (it rejects); `continue` goes on. */
@@ -51,6 +56,12 @@ export interface CopyEngineOptions {
   bitmap: DirtyBitmap;
   /** Largest chunk in bytes (rounded down to the bitmap granularity, at least one granule). Default max(granularity, 1 MiB). */
   chunkSize?: number;
+  /**
+   * Largest read request: a chunk's data reads in pieces of this many bytes, all started at once, so that a
+   * failure names the piece it was in (`CopyError.requestOffset`; `qemu-img convert` reads and reports
+   * 2 MiB at a time) while writes stay whole chunks. Default: one read per chunk.
+   */
+  readSize?: number;
   /** Most chunks in flight (default 64). */
   maxWorkers?: number;
   /** Most buffer bytes in flight (default 128 MiB; a chunk never exceeds it). */
@@ -62,12 +73,26 @@ export interface CopyEngineOptions {
   status?: "chain" | "node" | "none";
   /** For `status: "chain"`: stop above this node. */
   base?: BlockNode | null;
+  /**
+   * The source does not change while a pass runs (`qemu-img convert`): block status is asked for up to
+   * {@link STATUS_LOOKAHEAD} bytes at a time and the answer serves the chunks it covers, as qemu-img asks
+   * once per extent rather than once per chunk. Never for a source a guest writes (jobs): a kept answer
+   * would go stale.
+   */
+  staticSource?: boolean;
   /** Skip ranges block status reports unallocated (sync=top, commit, stream). */
   skipUnallocated?: boolean;
   /** Zero ranges become write-zeroes with may-unmap (`unmap`, default) or without (`write-zeroes`). */
   zeroes?: "unmap" | "write-zeroes";
   /** Also write zeroes when data read turns out all zero (`qemu-img convert` does; block-copy does not). */
   detectZeroBuffers?: boolean;
+  /**
+   * Splits the data a chunk read at `offset` into runs to write and runs to write as zeroes (`qemu-img
+   * convert -S`); replaces `detectZeroBuffers`. Called as soon as the chunk has read, before it waits for
+   * its turn to write (`inOrderWrites`), so the search is off the path the writes take one after another.
+   * The runs cover `data` in order, without gaps.
+   */
+  splitZeroes?: (offset: number, data: Uint8Array) => readonly DataRun[];
   /**
    * Copy data ranges with copy offload ({@link BlockNode.copyRange}: no buffer, the data is not looked at,
    * so `detectZeroBuffers` does not apply to them) where the source and target support it together. The
@@ -128,6 +153,13 @@ export interface CopyEngineStats {
   maxBufferBytesInFlight: number;
 }
 
+/** A run of a chunk's data, `[start, end)` in the chunk's buffer: `zero` runs are written as zeroes. */
+export interface DataRun {
+  start: number;
+  end: number;
+  zero: boolean;
+}
+
 type Kind = "data" | "zero" | "skip";
 interface Segment {
   offset: number;
@@ -148,15 +180,20 @@ interface WriteTurn {
 class ChunkFailure extends Error {
   readonly operation: "read" | "write";
   readonly error: BlkError;
-  constructor(operation: "read" | "write", error: BlkError) {
+  readonly requestOffset: number | undefined;
+  constructor(operation: "read" | "write", error: BlkError, requestOffset?: number) {
     super(error.message);
     this.operation = operation;
     this.error = error;
+    this.requestOffset = requestOffset;
   }
 }
 
 /** Most bytes of idle chunk buffers an engine keeps for reuse (and never more buffers than workers). */
-const POOL_BYTES = 32 << 20;
+const POOL_BYTES = 64 << 20;
+
+/** Most bytes one block status query covers with {@link CopyEngineOptions.staticSource}. */
+export const STATUS_LOOKAHEAD: number = 128 << 20;
 
 /** Copy offload of `[offset, offset+bytes)` between the same offsets of two endpoints. */
 function offload(source: CopyEndpoint, target: CopyEndpoint, offset: number, bytes: number): Promise<void> {
@@ -173,8 +210,8 @@ function allZero(buf: Uint8Array): boolean {
 }
 
 /** Splits a buffer into runs of all-zero and other granules. */
-function zeroRuns(buf: Uint8Array, granule: number): { start: number; end: number; zero: boolean }[] {
-  const out: { start: number; end: number; zero: boolean }[] = [];
+function zeroRuns(buf: Uint8Array, granule: number): DataRun[] {
+  const out: DataRun[] = [];
   for (let start = 0; start < buf.length; start += granule) {
     const end = Math.min(start + granule, buf.length);
     const zero = allZero(buf.subarray(start, end));
@@ -213,6 +250,8 @@ export class CopyEngine {
   #pool: Uint8Array[] = [];
   /** The memory of the chunk buffers this engine allocated (what may go back to the pool). */
   #own = new WeakSet<ArrayBufferLike>();
+  /** With `staticSource`: the last block status answer, `[start, end)`, kept for the chunks it covers. */
+  #status: { start: number; end: number; extents: Promise<BlockStatusExtent[]> } | undefined;
 
   constructor(options: CopyEngineOptions) {
     this.options = options;
@@ -290,6 +329,7 @@ export class CopyEngine {
     } finally {
       this.#running = false;
       this.#pool.length = 0;
+      this.#status = undefined;
     }
   }
 
@@ -433,6 +473,7 @@ export class CopyEngine {
       const f = e instanceof ChunkFailure ? e : new ChunkFailure("read", toBlkError(e));
       this.options.bitmap.setDirty(offset, bytes);
       const err: CopyError = { offset, bytes, operation: f.operation, error: f.error };
+      if (f.requestOffset !== undefined && f.requestOffset !== offset) err.requestOffset = f.requestOffset;
       const action = background ? ((await this.options.onError?.(err)) ?? "fail") : "fail";
       if (action === "fail") return f.error;
       result.errors.push(err);
@@ -474,16 +515,15 @@ export class CopyEngine {
         }
       }
       const buf = this.#takeBuffer(seg.length);
-      try {
-        await source.readInto(seg.offset, buf);
-      } catch (e) {
-        // Not reused: a driver may still be filling it from a request that failed early.
-        throw new ChunkFailure("read", toBlkError(e));
-      }
+      // Not reused after a failure: a driver may still be filling it from a request that failed early.
+      await this.#read(seg.offset, buf);
+      const split = this.options.splitZeroes;
       const runs =
-        this.options.detectZeroBuffers === true
-          ? zeroRuns(buf, this.options.bitmap.granularity)
-          : [{ start: 0, end: buf.length, zero: false }];
+        split !== undefined
+          ? split(seg.offset, buf)
+          : this.options.detectZeroBuffers === true
+            ? zeroRuns(buf, this.options.bitmap.granularity)
+            : [{ start: 0, end: buf.length, zero: false }];
       await myTurn();
       const placed = this.options.writePlaced;
       if (
@@ -535,6 +575,30 @@ export class CopyEngine {
     p.zeroed += seg.length;
   }
 
+  /** Reads `buf.length` bytes at `offset` from the source, in `readSize` pieces. @throws {ChunkFailure} */
+  async #read(offset: number, buf: Uint8Array): Promise<void> {
+    const { source } = this.options;
+    const piece = this.options.readSize ?? 0;
+    if (piece <= 0 || buf.length <= piece) {
+      try {
+        await source.readInto(offset, buf);
+      } catch (e) {
+        throw new ChunkFailure("read", toBlkError(e));
+      }
+      return;
+    }
+    const reads: Promise<void>[] = [];
+    for (let p = 0; p < buf.length; p += piece) {
+      reads.push(source.readInto(offset + p, buf.subarray(p, Math.min(p + piece, buf.length))));
+    }
+    const settled = await Promise.allSettled(reads);
+    const i = settled.findIndex((r) => r.status === "rejected");
+    const failed = settled[i];
+    if (failed?.status === "rejected") {
+      throw new ChunkFailure("read", toBlkError(failed.reason), offset + i * piece);
+    }
+  }
+
   /** A buffer of `bytes` bytes (at most `chunkSize`), from the pool when one is idle; contents undefined. */
   #takeBuffer(bytes: number): Uint8Array {
     if (bytes > this.chunkSize) return new Uint8Array(bytes);
@@ -553,21 +617,51 @@ export class CopyEngine {
     this.#pool.push(new Uint8Array(buf.buffer, buf.byteOffset, this.chunkSize));
   }
 
+  /** The source's block status over `[offset, offset+bytes)` (extents may reach beyond it). */
+  async #blockStatus(mode: "chain" | "node", offset: number, bytes: number): Promise<BlockStatusExtent[]> {
+    const { source } = this.options;
+    const ask = (o: number, n: number): Promise<BlockStatusExtent[]> =>
+      mode === "chain"
+        ? source.blockStatusAbove(o, n, this.options.base === undefined ? {} : { base: this.options.base })
+        : source.blockStatus(o, n);
+    if (this.options.staticSource !== true) return ask(offset, bytes);
+    let kept = this.#status;
+    if (kept === undefined || offset < kept.start || offset + bytes > kept.end) {
+      const end = Math.max(offset + bytes, Math.min(this.options.bitmap.size, offset + STATUS_LOOKAHEAD));
+      kept = { start: offset, end, extents: ask(offset, end - offset) };
+      this.#status = kept;
+      // A failed query is not kept: the next chunk asks again.
+      const failed = kept;
+      kept.extents.catch(() => {
+        if (this.#status === failed) this.#status = undefined;
+      });
+    }
+    const all = await kept.extents;
+    // The extents from the one holding `offset` (binary search: a query may return many).
+    let lo = 0;
+    let hi = all.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      const e = all[mid] as BlockStatusExtent;
+      if (e.offset + e.length <= offset) lo = mid + 1;
+      else hi = mid;
+    }
+    const out: BlockStatusExtent[] = [];
+    for (let i = lo; i < all.length; i++) {
+      const e = all[i] as BlockStatusExtent;
+      if (e.offset >= offset + bytes) break;
+      out.push(e);
+    }
+    return out;
+  }
+
   /** Splits a chunk by block status into data/zero/skip runs of whole granules. */
   async #classify(offset: number, bytes: number): Promise<Segment[]> {
     const mode = this.options.status ?? "chain";
     if (mode === "none") return [{ offset, length: bytes, kind: "data" }];
-    const { source } = this.options;
     let extents: BlockStatusExtent[];
     try {
-      extents =
-        mode === "chain"
-          ? await source.blockStatusAbove(
-              offset,
-              bytes,
-              this.options.base === undefined ? {} : { base: this.options.base },
-            )
-          : await source.blockStatus(offset, bytes);
+      extents = await this.#blockStatus(mode, offset, bytes);
     } catch (e) {
       throw new ChunkFailure("read", toBlkError(e));
     }

@@ -9,6 +9,8 @@ export {
   type CopyErrorAction,
   type CopyProgress,
   type CopyResult,
+  type DataRun,
+  STATUS_LOOKAHEAD,
 } from "./copy.ts";
 export {
   type BitmapCheck,

@@ -360,3 +360,164 @@ describe("copy engine", () => {
     expect(mem(dst).dataClusters).toBe(1);
   });
 });
+
+describe("copy engine: staticSource", () => {
+  it("asks block status once per lookahead, not per chunk, with the same result (property)", async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(fc.constantFrom<ClusterKind>("unallocated", "zero", "data"), {
+          minLength: 1,
+          maxLength: 40,
+        }),
+        fc.constantFrom<"node" | "chain">("node", "chain"),
+        fc.integer({ min: 1, max: 4 }),
+        fc.integer({ min: 1, max: 8 }),
+        fc.boolean(),
+        fc.integer(),
+        async (kinds, status, chunkClusters, workers, skipUnallocated, seed) => {
+          const results = [];
+          for (const staticSource of [false, true]) {
+            const graph = new BlockGraph();
+            const src = await sparse(graph, kinds, seed, "src");
+            const dst = await graph.open(
+              memoryDriver,
+              { size: src.length, clusterSize: CL },
+              { nodeName: "dst", discard: "unmap" },
+            );
+            await dst.write(0, new Uint8Array(src.length).fill(0xee));
+            const asked: [number, number][] = [];
+            mem(src).hook = async (req) => {
+              if (req.kind === "block-status") asked.push([req.offset, req.bytes]);
+              await tick();
+            };
+            const res = await new CopyEngine({
+              source: src,
+              target: dst,
+              bitmap: await fullBitmap(src, CL),
+              chunkSize: chunkClusters * CL,
+              maxWorkers: workers,
+              status,
+              skipUnallocated,
+              staticSource,
+            }).run();
+            const chunks = Math.ceil(kinds.length / chunkClusters);
+            if (staticSource) {
+              // The whole image is within one lookahead: one query from offset 0 over all of it.
+              expect(asked).toEqual([[0, src.length]]);
+            } else {
+              expect(asked.length).toBe(chunks);
+            }
+            results.push({
+              res,
+              data: await dst.read(0, dst.length),
+              map: await dst.blockStatus(0, dst.length),
+            });
+          }
+          const [perChunk, kept] = results;
+          expect(kept?.res).toEqual(perChunk?.res);
+          expect(same(kept?.data ?? new Uint8Array(), perChunk?.data ?? new Uint8Array(1))).toBe(true);
+          expect(kept?.map).toEqual(perChunk?.map);
+        },
+      ),
+      { numRuns: RUNS },
+    );
+  });
+
+  it("asks again past the lookahead and after a failed query", async () => {
+    const { STATUS_LOOKAHEAD } = await import("../src/copy.ts");
+    const graph = new BlockGraph();
+    const size = STATUS_LOOKAHEAD * 2 + 4 * CL;
+    const src = await graph.open(memoryDriver, { size, clusterSize: CL }, { nodeName: "src" });
+    await src.write(STATUS_LOOKAHEAD - CL, pattern(3, 0, 2 * CL));
+    const dst = await graph.open(memoryDriver, { size, clusterSize: CL }, { nodeName: "dst" });
+    const asked: number[] = [];
+    let failOnce = true;
+    mem(src).hook = (req) => {
+      if (req.kind !== "block-status") return;
+      asked.push(req.offset);
+      if (req.offset === STATUS_LOOKAHEAD && failOnce) {
+        failOnce = false;
+        throw new BlkError("EIO", "injected");
+      }
+    };
+    const errors: CopyError[] = [];
+    const engine = new CopyEngine({
+      source: src,
+      target: dst,
+      bitmap: await fullBitmap(src, CL),
+      chunkSize: 1 << 20,
+      maxWorkers: 1,
+      status: "node",
+      staticSource: true,
+      onError: (e) => {
+        errors.push(e);
+        return "continue";
+      },
+    });
+    const first = await engine.run();
+    // The failed chunk's bits stay set; the next chunk asked again from its own offset.
+    expect(first.errors.map((e) => e.offset)).toEqual([STATUS_LOOKAHEAD]);
+    expect(asked).toEqual([0, STATUS_LOOKAHEAD, STATUS_LOOKAHEAD + (1 << 20)]);
+    asked.length = 0;
+    const second = await engine.run();
+    expect(second.errors).toEqual([]);
+    expect(asked).toEqual([STATUS_LOOKAHEAD]);
+    expect(same(await dst.read(0, size), await src.read(0, size))).toBe(true);
+  });
+});
+
+describe("copy engine: readSize", () => {
+  it("reads chunks in pieces, writes them whole, and names the lowest failed piece", async () => {
+    const graph = new BlockGraph();
+    const src = await sparse(graph, new Array<ClusterKind>(16).fill("data"), 5, "src");
+    const dst = await graph.open(memoryDriver, { size: src.length, clusterSize: CL }, { nodeName: "dst" });
+    const reads: [number, number][] = [];
+    const writes: [number, number][] = [];
+    let fail = new Set<number>();
+    mem(src).hook = async (req) => {
+      if (req.kind !== "read") return;
+      reads.push([req.offset, req.bytes]);
+      await tick();
+      if (fail.has(req.offset)) throw new BlkError("EIO", "injected");
+    };
+    mem(dst).hook = (req) => {
+      if (req.kind === "write") writes.push([req.offset, req.bytes]);
+    };
+    const run = (work: Awaited<ReturnType<typeof fullBitmap>>) =>
+      new CopyEngine({
+        source: src,
+        target: dst,
+        bitmap: work,
+        chunkSize: 8 * CL,
+        readSize: 2 * CL,
+        maxWorkers: 1,
+        status: "none",
+        onError: (e) => {
+          errors.push(e);
+          return "continue";
+        },
+      }).run();
+    const errors: CopyError[] = [];
+    await run(await fullBitmap(src, CL));
+    expect(reads).toEqual(Array.from({ length: 8 }, (_, i) => [i * 2 * CL, 2 * CL]));
+    expect(writes).toEqual([
+      [0, 8 * CL],
+      [8 * CL, 8 * CL],
+    ]);
+    expect(same(await dst.read(0, dst.length), await src.read(0, src.length))).toBe(true);
+    // Pieces 3 and 1 of the second chunk fail: the error names piece 1; its chunk is not written.
+    fail = new Set([14 * CL, 10 * CL]);
+    writes.length = 0;
+    const work = await fullBitmap(src, CL);
+    const res = await run(work);
+    expect(errors.map((e) => [e.offset, e.bytes, e.requestOffset])).toEqual([[8 * CL, 8 * CL, 10 * CL]]);
+    expect(res.errors).toHaveLength(1);
+    expect(writes).toEqual([[0, 8 * CL]]);
+    expect(work.count()).toBe(8 * CL);
+    // A failure in a chunk's first piece has no requestOffset: the chunk's offset names it.
+    fail = new Set([0]);
+    errors.length = 0;
+    await run(await fullBitmap(src, CL));
+    expect(errors.map((e) => [e.offset, e.requestOffset])).toEqual([[0, undefined]]);
+  });
+});

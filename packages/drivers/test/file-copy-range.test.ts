@@ -1,4 +1,4 @@
-import { existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import {
   BlockGraph,
@@ -11,7 +11,13 @@ import {
 } from "@blk/core";
 import { makeTempDir, pattern } from "@blk/testkit";
 import { afterAll, afterEach, describe, expect, it } from "vitest";
-import { alignedBuffer, type FileSyscalls, makeFileDriver } from "../src/file/index.ts";
+import {
+  alignedBuffer,
+  type FileSyscalls,
+  hugePageBuffer,
+  makeFileDriver,
+  transparentHugePageSize,
+} from "../src/file/index.ts";
 import { loadSyscalls } from "../src/file/sys.ts";
 
 const dir = makeTempDir("blk-file-copy-range");
@@ -180,6 +186,46 @@ describe.skipIf(real === null || real.copyFileRange === undefined)("file driver:
       const b = alignedBuffer(n);
       expect({ n, length: b.length, mod: addressOf(b) % 4096 }).toEqual({ n, length: n, mod: 0 });
       expect(addressOf(alignedBuffer(n, 65536)) % 65536).toBe(0);
+    }
+  });
+
+  /** The `/proc/self/smaps` fields of the mapping that holds `address`. */
+  function mappingOf(address: number): Record<string, string> {
+    const fields: Record<string, string> = {};
+    let inside = false;
+    for (const line of readFileSync("/proc/self/smaps", "utf8").split("\n")) {
+      const range = /^([0-9a-f]+)-([0-9a-f]+) /.exec(line);
+      if (range !== null) {
+        if (inside) break;
+        inside =
+          Number.parseInt(range[1] ?? "", 16) <= address && address < Number.parseInt(range[2] ?? "", 16);
+        continue;
+      }
+      const kv = /^(\w+):\s+(.*)$/.exec(line);
+      if (inside && kv !== null) fields[kv[1] ?? ""] = kv[2] ?? "";
+    }
+    return fields;
+  }
+
+  it("hugePageBuffer: huge-page-aligned memory the kernel may back with huge pages", () => {
+    const addressOf = real?.addressOf;
+    if (addressOf === undefined) throw new Error("no addressOf");
+    const huge = transparentHugePageSize();
+    // Smaller than a huge page (or no THP): a page-aligned buffer.
+    const small = hugePageBuffer(4096 + 512);
+    expect({ length: small.length, mod: addressOf(small) % 4096 }).toEqual({ length: 4608, mod: 0 });
+    if (huge === null) return;
+    for (const n of [huge, 4 * huge + 4096]) {
+      const b = hugePageBuffer(n);
+      expect({ n, length: b.length, mod: addressOf(b) % huge }).toEqual({ n, length: n, mod: 0 });
+      // madvise(MADV_HUGEPAGE) marked the mapping: it may take huge pages (whether it gets them depends
+      // on free memory), which plain memory under THP `madvise` mode may not.
+      const enabled = readFileSync("/sys/kernel/mm/transparent_hugepage/enabled", "utf8");
+      if (enabled.includes("[madvise]")) {
+        expect(mappingOf(addressOf(b)).THPeligible).toBe("1");
+        b.fill(1);
+        expect(b.every((x) => x === 1)).toBe(true);
+      }
     }
   });
 

@@ -128,6 +128,8 @@ async function commitChain(
       status: "chain",
       base,
       skipUnallocated: true,
+      // The layers above the base do not change while blk-img holds them (only the base is written).
+      staticSource: true,
       chunkSize: 512 << 10,
       maxWorkers: 8,
       zeroes: "unmap",

@@ -8,7 +8,7 @@
  * reports everything as data, discard writes zeroes, zero writes write zero buffers, no image locks, no
  * copy offload (the copy engine then reads and writes).
  */
-import { constants as fsConstants, read as fsRead, write as fsWrite } from "node:fs";
+import { constants as fsConstants, read as fsRead, write as fsWrite, readFileSync } from "node:fs";
 import { type FileHandle, open, stat } from "node:fs/promises";
 import {
   BlkError,
@@ -732,6 +732,48 @@ export function alignedBuffer(bytes: number, alignment = 4096): Uint8Array {
   const raw = new Uint8Array(bytes + alignment);
   const skip = (alignment - (sys.addressOf(raw) % alignment)) % alignment;
   return raw.subarray(skip, skip + bytes);
+}
+
+let hugePageSize: number | null | undefined;
+
+/**
+ * The size of a transparent huge page when the kernel hands them out on request (`madvise` or `always`
+ * in `/sys/kernel/mm/transparent_hugepage/enabled`), else `null`. Read once.
+ */
+export function transparentHugePageSize(): number | null {
+  if (hugePageSize !== undefined) return hugePageSize;
+  hugePageSize = null;
+  try {
+    const thp = "/sys/kernel/mm/transparent_hugepage";
+    const enabled = readFileSync(`${thp}/enabled`, "utf8");
+    const size = Number(readFileSync(`${thp}/hpage_pmd_size`, "utf8").trim());
+    if (!enabled.includes("[never]") && Number.isSafeInteger(size) && size >= 4096) hugePageSize = size;
+  } catch {
+    // No THP (another OS, an old kernel, no /sys): plain pages.
+  }
+  return hugePageSize;
+}
+
+/**
+ * A buffer for bulk copies of `bytes` bytes (at least a huge page, and long-lived: the copy engine's chunk
+ * buffers): aligned to a transparent huge page and advised to use them (`MADV_HUGEPAGE`), so the kernel's
+ * copies to and from the page cache walk one mapping per 2 MiB instead of 512 (measurably less CPU per
+ * byte copied than page-aligned buffers). Smaller buffers, and systems without huge pages
+ * or without the FFI, get {@link alignedBuffer}. Allocates up to one huge page more address space than
+ * `bytes`; what lies outside the buffer is never touched.
+ */
+export function hugePageBuffer(bytes: number): Uint8Array {
+  const sys = loadSyscalls();
+  const huge = transparentHugePageSize();
+  if (sys?.addressOf === undefined || sys.adviseHugePages === undefined || huge === null || bytes < huge) {
+    return alignedBuffer(bytes);
+  }
+  const raw = new Uint8Array(bytes + huge);
+  const skip = (huge - (sys.addressOf(raw) % huge)) % huge;
+  const buf = raw.subarray(skip, skip + bytes);
+  // Advice only: refused (EINVAL on a kernel built without THP), the buffer works as it is.
+  sys.adviseHugePages(buf);
+  return buf;
 }
 
 /** The size of a file in bytes (a convenience for tools). */

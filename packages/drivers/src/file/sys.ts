@@ -28,6 +28,8 @@ export const EINTR = 4;
 export const EAGAIN = 11;
 export const EACCES = 13;
 export const EINVAL = 22;
+/** `madvise` advice: back the range with transparent huge pages where the kernel can. */
+export const MADV_HUGEPAGE = 14;
 export const EXDEV = 18;
 export const EBADF = 9;
 export const ENOSPC = 28;
@@ -48,6 +50,11 @@ export interface FileSyscalls {
   copyFileRange?(fdIn: number, offIn: number, fdOut: number, offOut: number, len: number): Promise<number>;
   /** The memory address of a buffer's first byte (to align I/O buffers). Optional. */
   addressOf?(buf: Uint8Array): number;
+  /**
+   * `madvise(buf, buf.length, MADV_HUGEPAGE)` on a buffer whose first byte is page-aligned: 0 or `-errno`.
+   * Optional.
+   */
+  adviseHugePages?(buf: Uint8Array): number;
   /** `fcntl(fd, F_OFD_SETLK, {type, SEEK_SET, start, len})`: 0 or `-errno`. */
   ofdSetLock(fd: number, type: number, start: number, len: number): number;
   /**
@@ -123,6 +130,7 @@ export function loadSyscalls(): FileSyscalls | null {
     } catch {
       copyFileRange = undefined;
     }
+    const madvise = libc.func("int madvise(void *addr, size_t len, int advice)") as Fn;
     // Anonymous struct type: a named one could clash if a second copy of this module loads.
     const flock = koffi.struct({
       l_type: "short",
@@ -166,6 +174,10 @@ export function loadSyscalls(): FileSyscalls | null {
       },
       ...(copyFileRange === undefined ? {} : { copyFileRange: copyRangeCall(copyFileRange, errno) }),
       addressOf: (buf) => Number(koffi.address(buf)),
+      adviseHugePages(buf) {
+        const r = madvise(buf, buf.length, MADV_HUGEPAGE) as number;
+        return r === 0 ? 0 : -errno();
+      },
       ofdSetLock(fd, type, start, len) {
         const r = lock(fd, F_OFD_SETLK, type, start, len);
         return typeof r === "number" ? r : 0;
