@@ -8,6 +8,16 @@
 //   BLK_BENCH_BASELINE=/path/to/other/apps/cli/bin/blk-img.js …   (also time another build, e.g. before a change)
 //   BLK_BENCH_BASELINE=unbundled …   (also time this build from dist/ rather than its bundle: BLK_IMG_NO_BUNDLE=1)
 //
+//   BLK_BENCH_TARGET=existing …   (convert -n into a target made and read into the page cache beforehand)
+//
+// Targets (BLK_BENCH_TARGET): `fresh` (default) times `convert` creating its output, as users run it;
+// `existing` times `convert -n` into an output that already exists with every page cached (raw targets
+// only: dense raw → raw and its -C form). On a VM whose free memory goes back to the host (virtio-balloon
+// free page reporting: `/sys/module/page_reporting` exists), a fresh 2 GiB output needs 2 GiB of page
+// cache the host must fault in again, and whether a run gets such pages or recycled ones is luck: both
+// tools then swing 2-10x from run to run. An existing cached target takes no new page cache, so that
+// mode measures the tools, not the host; `fresh` medians on such a VM say which tool was unlucky.
+//
 // Cases (keys for BLK_BENCH_CASES): `raw` dense raw → raw, `offload` the same with -C for both tools (copy
 // offload: copy_file_range), `qcow2` dense raw → qcow2, `sparse` half-sparse raw → raw, `qcow2-qcow2` a
 // dense qcow2 (made by qemu-img) → qcow2. Each output is checked with `qemu-img compare` before it counts.
@@ -34,7 +44,8 @@ if (spawnSync("sh", ["-c", "command -v qemu-img"]).status !== 0) {
   process.exit(2);
 }
 
-const dir = mkdtempSync(join(tmpdir(), "blk-convert-bench-"));
+// BLK_BENCH_DIR: where the images go (default the temp dir; e.g. /dev/shm to leave the disk out).
+const dir = mkdtempSync(join(process.env.BLK_BENCH_DIR ?? tmpdir(), "blk-convert-bench-"));
 process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
 
 function makeImage(name, everyOther) {
@@ -58,7 +69,16 @@ const all = [
   { key: "sparse", name: "half-sparse raw → raw", src: "sparse", fmt: "raw" },
   { key: "qcow2-qcow2", name: "dense qcow2 → qcow2", src: "denseQcow2", srcFmt: "qcow2", fmt: "qcow2" },
 ];
-const cases = all.filter((c) => only === undefined || only.includes(c.key));
+const target = process.env.BLK_BENCH_TARGET ?? "fresh";
+if (target !== "fresh" && target !== "existing") {
+  console.error(`convert bench: BLK_BENCH_TARGET is fresh or existing, not ${target}`);
+  process.exit(2);
+}
+const cases = all.filter(
+  (c) =>
+    (only === undefined || only.includes(c.key)) &&
+    (target === "fresh" || (c.src === "dense" && c.fmt === "raw")),
+);
 if (cases.length === 0) {
   console.error(`convert bench: no case among ${only}; cases: ${all.map((c) => c.key).join(", ")}`);
   process.exit(2);
@@ -95,12 +115,37 @@ if (!/code cache accepted/.test(probe.stderr))
   );
 const names = Object.keys(tools);
 
+/** The existing target (BLK_BENCH_TARGET=existing): a full copy of nothing in particular, cached. */
+function existingTarget() {
+  const dst = join(dir, "existing.raw");
+  if (!existsSync(dst)) {
+    const fd = openSync(dst, "w");
+    const buf = Buffer.alloc(4 * MiB, 0x5a);
+    for (let off = 0; off < sizeMiB * MiB; off += buf.length) writeSync(fd, buf, 0, buf.length, off);
+    closeSync(fd);
+  }
+  spawnSync("cat", [dst], { stdio: ["ignore", "ignore", "ignore"], maxBuffer: 0 });
+  return dst;
+}
+
 function run(tool, c) {
-  const dst = join(dir, `out.${c.fmt}`);
-  rmSync(dst, { force: true });
+  const existing = target === "existing";
+  const dst = existing ? existingTarget() : join(dir, `out.${c.fmt}`);
+  if (!existing) rmSync(dst, { force: true });
   const src = images[c.src];
   const srcFmt = c.srcFmt ?? "raw";
-  const [cmd, args, env] = tools[tool](["convert", ...(c.flags ?? []), "-f", srcFmt, "-O", c.fmt, src, dst]);
+  const argv = [
+    "convert",
+    ...(existing ? ["-n"] : []),
+    ...(c.flags ?? []),
+    "-f",
+    srcFmt,
+    "-O",
+    c.fmt,
+    src,
+    dst,
+  ];
+  const [cmd, args, env] = tools[tool](argv);
   // Start each run with no dirty pages left by the previous one: otherwise whichever tool runs while the
   // kernel writes back the other's output is throttled, and the figures swing by 2-3x between runs.
   spawnSync("sync");
@@ -110,14 +155,34 @@ function run(tool, c) {
   if (r.status !== 0) throw new Error(`${tool} failed on ${c.name}: ${r.stderr}`);
   const cmp = spawnSync("qemu-img", ["compare", "-f", srcFmt, "-F", c.fmt, src, dst]);
   if (cmp.status !== 0) throw new Error(`${tool}'s output differs from the source on ${c.name}`);
-  rmSync(dst, { force: true });
+  if (!existing) rmSync(dst, { force: true });
   return sizeMiB / secs;
 }
 
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 console.log(
-  `convert benchmark: ${sizeMiB} MiB images, ${rounds} alternating rounds, median MiB/s (virtual size / time)`,
+  `convert benchmark: ${sizeMiB} MiB images, ${target} targets, ${rounds} alternating rounds, median MiB/s (virtual size / time)`,
 );
+// Fixed costs apart from the copy: each tool converting a 1 MiB image, and a bare Node start (Node's own
+// floor; NODE_EXTRA_CA_CERTS, set on some machines, adds its certificate parsing to every Node start).
+{
+  const tiny = join(dir, "tiny.raw");
+  spawnSync("truncate", ["-s", "1M", tiny]);
+  const startMs = (argv) => {
+    const times = [];
+    for (let i = 0; i < 7; i++) {
+      rmSync(`${tiny}.out`, { force: true });
+      const t = performance.now();
+      spawnSync(argv[0], argv.slice(1), { stdio: "ignore" });
+      times.push(performance.now() - t);
+    }
+    return median(times).toFixed(0);
+  };
+  const conv = ["convert", "-f", "raw", "-O", "raw", tiny, `${tiny}.out`];
+  console.log(
+    `start-up (1 MiB convert, median ms): qemu-img ${startMs(["qemu-img", ...conv])}, blk-img ${startMs([process.execPath, blkImg, ...conv])}, bare node ${startMs([process.execPath, "-e", "0"])}${process.env.NODE_EXTRA_CA_CERTS ? " (NODE_EXTRA_CA_CERTS is set)" : ""}`,
+  );
+}
 const col = (t) => t.padStart(10);
 console.log(
   `${"case".padEnd(26)}${names.map(col).join("")}${col("blk/qemu")}${baseline === undefined ? "" : col("base/qemu")}`,

@@ -6,6 +6,7 @@
 import type { BlockNode } from "@blk/core";
 import { type BlockdevOptions, getDriver, type OpenedImage, openImage } from "@blk/drivers";
 import { CliError, messageOf, SIZE_SUFFIX_HINT } from "./errors.ts";
+import { parseSize } from "./size.ts";
 
 /** How to open one image. */
 export interface OpenArgs {
@@ -65,6 +66,11 @@ function scalar(key: string, v: string): unknown {
   if (v === "on" || v === "true") return true;
   if (v === "off" || v === "false") return false;
   if (/^[0-9]+$/.test(v) && !/filename|path|name|export|host|port/.test(key)) return Number(v);
+  // QEMU's legacy open parses size options (QEMU_OPT_SIZE) with suffixes: `size=2G`.
+  if (SIZE_OPTIONS.has(key)) {
+    const size = parseSize(v);
+    if (size.ok && Number.isSafeInteger(Number(size.value))) return Number(size.value);
+  }
   return v;
 }
 

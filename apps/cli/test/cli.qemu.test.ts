@@ -171,6 +171,34 @@ describe.skipIf(missing.length > 0)("blk-img vs qemu-img", { timeout: 120_000 },
       };
       expect(strip(b.stdout)).toEqual(strip(q.stdout));
     });
+
+    it.each([
+      ["driver=null-co,size=2G"],
+      ["driver=null-co,size=1.5M"],
+      ["driver=null-co,size=0x100000"],
+      ["driver=raw,offset=4k,size=4k,file.filename=@"],
+      ["driver=raw,offset=2Q,file.filename=@"],
+    ])("--image-opts %s: sizes with suffixes as QEMU's legacy open takes them", async (opts) => {
+      const text = opts.replace("@", fx.dense(5, 65536));
+      const { q, b } = await both(["info", "--output=json", "--image-opts", text]);
+      // The program name, also in the fixture directory's name.
+      const norm = (t: string) => t.replaceAll("qemu-img", "blk-img");
+      expect({ code: b.code, stderr: norm(b.stderr) }).toEqual({ code: q.code, stderr: norm(q.stderr) });
+      if (q.code === 0) {
+        const o = JSON.parse(b.stdout) as { "virtual-size": number };
+        expect(o["virtual-size"]).toBe((JSON.parse(q.stdout) as { "virtual-size": number })["virtual-size"]);
+      }
+    });
+
+    it.each([["2Q"], ["-1"]])("--image-opts driver=null-co,size=%s: a one-line error", async (size) => {
+      // qemu-img 7.2 aborts here ("Unexpected error in parse_option_size()", SIGABRT): blk-img says why.
+      const opts = `driver=null-co,size=${size}`;
+      const b = await blk(["info", "--image-opts", opts]);
+      expect(b).toMatchObject({
+        code: 1,
+        stderr: `blk-img: Could not open '${opts}': Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.\n`,
+      });
+    });
   });
 
   describe("map", () => {
