@@ -287,6 +287,9 @@ export async function convert(args: readonly string[], ctx: Context): Promise<nu
             // the event loop and the thread pool a round trip, for the same -S result (searched in qemu-img's
             // 2 MiB pieces whatever the chunk size).
             chunkSize: CHUNK,
+            // Three chunks in flight (one writing, two reading ahead, each read in four pieces): more
+            // buffer memory only costs fresh pages to fault in (measured slower at 64 MiB than at 24).
+            maxBufferBytes: 3 * CHUNK,
             // …read as qemu-img reads, 2 MiB at a time: a read error names the same byte as qemu-img's.
             readSize: 2 << 20,
             // With a target that reads as zeroes, block status was asked above: what is left is data.
