@@ -119,7 +119,9 @@ function processIo(): CliIo {
       return process.stdout.isTTY === true;
     },
     get columns(): number {
-      return process.stdout.columns ?? 80;
+      // Node types `columns` as a number; it is undefined when stdout is not a terminal.
+      const { columns } = process.stdout as { columns?: number };
+      return columns ?? 80;
     },
   };
 }
