@@ -33,6 +33,19 @@ async function sparse(
   return n;
 }
 
+/** A sparse source and a target of its size filled with 0xee (unmap allowed), in a new graph. */
+async function srcAndTarget(kinds: ClusterKind[], seed: number): Promise<{ src: BlockNode; dst: BlockNode }> {
+  const graph = new BlockGraph();
+  const src = await sparse(graph, kinds, seed, "src");
+  const dst = await graph.open(
+    memoryDriver,
+    { size: src.length, clusterSize: CL },
+    { nodeName: "dst", discard: "unmap" },
+  );
+  await dst.write(0, new Uint8Array(src.length).fill(0xee));
+  return { src, dst };
+}
+
 /** Byte equality without vitest's slow deep diff of large typed arrays. */
 const same = (a: Uint8Array, b: Uint8Array): boolean => Buffer.compare(a, b) === 0;
 
@@ -59,14 +72,7 @@ describe("copy engine", () => {
         fc.integer({ min: 1, max: 8 }),
         fc.integer(),
         async (kinds, g, chunkGranules, workers, bufferChunks, seed) => {
-          const graph = new BlockGraph();
-          const src = await sparse(graph, kinds, seed, "src");
-          const dst = await graph.open(
-            memoryDriver,
-            { size: src.length, clusterSize: CL },
-            { nodeName: "dst", discard: "unmap" },
-          );
-          await dst.write(0, new Uint8Array(src.length).fill(0xee));
+          const { src, dst } = await srcAndTarget(kinds, seed);
           const dstMem = mem(dst);
           const before = dstMem.counters.bytesWritten;
           mem(src).hook = async () => {
@@ -377,14 +383,7 @@ describe("copy engine: staticSource", () => {
         async (kinds, status, chunkClusters, workers, skipUnallocated, seed) => {
           const results = [];
           for (const staticSource of [false, true]) {
-            const graph = new BlockGraph();
-            const src = await sparse(graph, kinds, seed, "src");
-            const dst = await graph.open(
-              memoryDriver,
-              { size: src.length, clusterSize: CL },
-              { nodeName: "dst", discard: "unmap" },
-            );
-            await dst.write(0, new Uint8Array(src.length).fill(0xee));
+            const { src, dst } = await srcAndTarget(kinds, seed);
             const asked: [number, number][] = [];
             mem(src).hook = async (req) => {
               if (req.kind === "block-status") asked.push([req.offset, req.bytes]);
