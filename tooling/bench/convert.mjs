@@ -18,13 +18,27 @@
 // tools then swing 2-10x from run to run. An existing cached target takes no new page cache, so that
 // mode measures the tools, not the host; `fresh` medians on such a VM say which tool was unlucky.
 //
+// BLK_BENCH_HOLD_FREE_PAGES=1 (root, such a VM only) instead stops the reporting for the bench's run: it
+// raises /sys/module/page_reporting/parameters/page_reporting_order above the largest page order, so
+// memory freed by one run stays with the VM for the next, and puts the old value back when the bench
+// ends. Fresh targets then measure the tools too (qcow2 targets included, which `existing` cannot do).
+//
 // Cases (keys for BLK_BENCH_CASES): `raw` dense raw → raw, `offload` the same with -C for both tools (copy
 // offload: copy_file_range), `qcow2` dense raw → qcow2, `sparse` half-sparse raw → raw, `qcow2-qcow2` a
 // dense qcow2 (made by qemu-img) → qcow2. Each output is checked with `qemu-img compare` before it counts.
 // The page cache is warm for both tools (the source is read once before the first round). Not a test.
 import { spawnSync } from "node:child_process";
 import { randomFillSync } from "node:crypto";
-import { closeSync, existsSync, mkdtempSync, openSync, rmSync, writeSync } from "node:fs";
+import {
+  closeSync,
+  existsSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -45,6 +59,22 @@ if (spawnSync("sh", ["-c", "command -v qemu-img"]).status !== 0) {
 }
 
 // BLK_BENCH_DIR: where the images go (default the temp dir; e.g. /dev/shm to leave the disk out).
+const REPORTING_ORDER = "/sys/module/page_reporting/parameters/page_reporting_order";
+if (process.env.BLK_BENCH_HOLD_FREE_PAGES === "1") {
+  let old;
+  try {
+    old = readFileSync(REPORTING_ORDER, "utf8").trim();
+    // Orders run to 10 (MAX_PAGE_ORDER on x86-64): 11 and up is never reached, so nothing is reported.
+    writeFileSync(REPORTING_ORDER, "11");
+  } catch (e) {
+    console.error(`convert bench: cannot hold free pages (${e.message}): no free page reporting to stop?`);
+    process.exit(2);
+  }
+  const restore = () => writeFileSync(REPORTING_ORDER, old);
+  process.on("exit", restore);
+  for (const sig of ["SIGINT", "SIGTERM"]) process.on(sig, () => process.exit(130));
+  console.log(`free page reporting held for the run (page_reporting_order ${old} -> 11, restored at exit)`);
+}
 const dir = mkdtempSync(join(process.env.BLK_BENCH_DIR ?? tmpdir(), "blk-convert-bench-"));
 process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
 
