@@ -5,7 +5,7 @@
  * and `compare` finds blk's and qemu's conversions identical to the image.
  */
 import { readFileSync, writeFileSync } from "node:fs";
-import { makeTempDir, pattern, run, sha256 } from "@blk/testkit";
+import { commandRunner, makeTempDir, pattern, qemuTools, run, sha256 } from "@blk/testkit";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { blk } from "./helpers.ts";
 import { missing } from "./qemu.ts";
@@ -13,13 +13,8 @@ import { missing } from "./qemu.ts";
 const dir = makeTempDir("blk-img-q2m");
 afterAll(() => dir.dispose());
 
-async function sh(cmd: string, args: string[]): Promise<void> {
-  const r = await run(cmd, args, { cwd: dir.path, timeoutMs: 60_000 });
-  if (r.code !== 0) throw new Error(`${cmd} ${args.join(" ")} failed (${r.code}): ${r.stderr}`);
-}
-const img = (...a: string[]): Promise<void> => sh("qemu-img", a);
-const io = (file: string, ...cmds: string[]): Promise<void> =>
-  sh("qemu-io", ["-f", "qcow2", ...cmds.flatMap((c) => ["-c", c]), file]);
+const sh = commandRunner(dir.path);
+const { img, io } = qemuTools(sh);
 
 /** Random data, a compressible text run and a zero gap: what `convert -c` makes every cluster kind of. */
 function mixed(name: string, size: number): string {

@@ -7,7 +7,7 @@
  */
 import { readFileSync, statSync, writeFileSync } from "node:fs";
 import type { BlockNode } from "@blk/core";
-import { makeTempDir, missingPeers, pattern, run } from "@blk/testkit";
+import { commandRunner, makeTempDir, missingPeers, pattern } from "@blk/testkit";
 import { afterAll, describe, expect, it } from "vitest";
 import { createQcow2, openQcow2 } from "../src/qcow2/index.ts";
 
@@ -17,12 +17,7 @@ if (missing.length > 0) console.warn(`skipping qcow2 sparse allocation tests: mi
 const dir = makeTempDir("blk-q2sparse");
 afterAll(() => dir.dispose());
 
-async function sh(cmd: string, args: string[], ok: readonly number[] = [0]) {
-  const r = await run(cmd, args, { cwd: dir.path, timeoutMs: 60_000 });
-  const code = r.code ?? -1;
-  if (!ok.includes(code)) throw new Error(`${cmd} ${args.join(" ")} failed (${code}): ${r.stderr}`);
-  return { code, out: r.stdout };
-}
+const sh = commandRunner(dir.path);
 
 /** `qemu-img check` is clean (no corruption, no leaks) and `qemu-img compare` finds `model`. */
 async function agreesWithQemu(name: string, model: Uint8Array): Promise<void> {

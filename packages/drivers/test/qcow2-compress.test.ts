@@ -5,7 +5,7 @@
  */
 import { readFileSync } from "node:fs";
 import { deflateRawSync } from "node:zlib";
-import { makeTempDir, missingPeers, pattern, run, sha256 } from "@blk/testkit";
+import { commandRunner, makeTempDir, missingPeers, pattern, sha256 } from "@blk/testkit";
 import { afterAll, describe, expect, it } from "vitest";
 import { createQcow2, openQcow2 } from "../src/qcow2/index.ts";
 
@@ -15,17 +15,7 @@ if (missing.length > 0) console.warn(`skipping qcow2 compress tests: missing ${m
 const dir = makeTempDir("blk-q2comp");
 afterAll(() => dir.dispose());
 
-async function sh(
-  cmd: string,
-  args: string[],
-  ok: readonly number[] = [0],
-): Promise<{ code: number; out: string }> {
-  const r = await run(cmd, args, { cwd: dir.path, timeoutMs: 120_000 });
-  const code = r.code ?? -1;
-  if (!ok.includes(code))
-    throw new Error(`${cmd} ${args.join(" ")} failed (${code}): ${r.stderr}${r.stdout}`);
-  return { code, out: r.stdout };
-}
+const sh = commandRunner(dir.path, 120_000);
 
 interface Check {
   "check-errors"?: number;

@@ -6,7 +6,7 @@
  * leaked clusters, never a corruption, and an image QEMU opens.
  */
 import { readFileSync, writeFileSync } from "node:fs";
-import { makeTempDir, missingPeers, pattern, rng, run } from "@blk/testkit";
+import { commandRunner, makeTempDir, missingPeers, pattern, rng } from "@blk/testkit";
 import { afterAll, describe, expect, it } from "vitest";
 import { createQcow2, openQcow2 } from "../src/qcow2/index.ts";
 import { type LogEntry, logFileWrites } from "./fixtures/qcow2/helpers.ts";
@@ -20,16 +20,7 @@ const CUTS = Number(process.env.QCOW2_GROW_CUTS ?? 12);
 const dir = makeTempDir("blk-q2g");
 afterAll(() => dir.dispose());
 
-async function sh(
-  cmd: string,
-  args: string[],
-  ok: readonly number[] = [0],
-): Promise<{ code: number; out: string }> {
-  const r = await run(cmd, args, { cwd: dir.path, timeoutMs: 120_000 });
-  const code = r.code ?? -1;
-  if (!ok.includes(code)) throw new Error(`${cmd} ${args.join(" ")} failed (${code}): ${r.stderr}`);
-  return { code, out: r.stdout };
-}
+const sh = commandRunner(dir.path, 120_000);
 
 interface CheckJson {
   corruptions?: number;

@@ -11,7 +11,7 @@
  */
 import { existsSync, statSync, writeFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
-import { makeTempDir, missingPeers, pattern, run } from "@blk/testkit";
+import { commandRunner, makeTempDir, missingPeers, pattern, run } from "@blk/testkit";
 import { afterAll, describe, expect, it } from "vitest";
 
 const RUNS = Number(process.env.BLK_FUZZ_MEMORY_RUNS ?? 400);
@@ -33,10 +33,7 @@ if (missing.length > 0) console.warn(`skipping the qcow2 hostile-memory test: mi
 const dir = makeTempDir("blk-q2mem");
 afterAll(() => dir.dispose());
 
-async function sh(cmd: string, args: string[]): Promise<void> {
-  const r = await run(cmd, args, { cwd: dir.path, timeoutMs: 30_000 });
-  if (r.code !== 0) throw new Error(`${cmd} ${args.join(" ")}: ${r.stderr}`);
-}
+const sh = commandRunner(dir.path, 30_000);
 
 /**
  * Seed images QEMU wrote: cluster kinds, 512 B and 64 KiB clusters, subclusters, a snapshot, a bitmap, a

@@ -4,7 +4,7 @@
  * `qemu-img check --output=json`, and `info` agrees with `qemu-img info --output=json`.
  */
 import { readFileSync, writeFileSync } from "node:fs";
-import { makeTempDir, missingPeers, pattern, run, sha256 } from "@blk/testkit";
+import { commandRunner, makeTempDir, missingPeers, pattern, qemuTools, run, sha256 } from "@blk/testkit";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { openQcow2, type Qcow2CheckResult, qcow2ImageInfo } from "../src/qcow2/index.ts";
 import { blkMap, type MapEntry, sha256Of } from "./fixtures/qcow2/helpers.ts";
@@ -15,14 +15,9 @@ if (missing.length > 0) console.warn(`skipping qcow2 interop: missing ${missing.
 const dir = makeTempDir("blk-q2");
 afterAll(() => dir.dispose());
 
-async function sh(cmd: string, args: string[]): Promise<string> {
-  const r = await run(cmd, args, { cwd: dir.path, timeoutMs: 60_000 });
-  if (r.code !== 0) throw new Error(`${cmd} ${args.join(" ")} failed (${r.code}): ${r.stderr}`);
-  return r.stdout;
-}
-const img = (...a: string[]) => sh("qemu-img", a);
-const io = (file: string, ...cmds: string[]) =>
-  sh("qemu-io", ["-f", "qcow2", ...cmds.flatMap((c) => ["-c", c]), file]);
+const runIn = commandRunner(dir.path);
+const sh = async (cmd: string, args: string[]): Promise<string> => (await runIn(cmd, args)).out;
+const { img, io } = qemuTools(sh);
 
 /** A raw source with random, compressible and zero regions (for compressed images). */
 function mixedRaw(name: string, size: number): string {

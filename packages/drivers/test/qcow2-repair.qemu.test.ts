@@ -6,7 +6,7 @@
  * read-write open, as QEMU does, and reads back its data.
  */
 import { copyFileSync, readFileSync, writeFileSync } from "node:fs";
-import { makeTempDir, missingPeers, pattern, rng, run } from "@blk/testkit";
+import { commandRunner, makeTempDir, missingPeers, pattern, rng, run } from "@blk/testkit";
 import { afterAll, describe, expect, it } from "vitest";
 import type { Qcow2CheckResult } from "../src/qcow2/index.ts";
 import { openQcow2 } from "../src/qcow2/index.ts";
@@ -20,12 +20,7 @@ const CASES = Number(process.env.QCOW2_REPAIR_CASES ?? 6);
 const dir = makeTempDir("blk-q2r");
 afterAll(() => dir.dispose());
 
-async function sh(cmd: string, args: string[], ok: readonly number[] = [0]) {
-  const r = await run(cmd, args, { cwd: dir.path, timeoutMs: 120_000 });
-  const code = r.code ?? -1;
-  if (!ok.includes(code)) throw new Error(`${cmd} ${args.join(" ")} failed (${code}): ${r.stderr}`);
-  return { code, out: r.stdout, err: r.stderr };
-}
+const sh = commandRunner(dir.path, 120_000);
 
 interface CheckJson {
   "check-errors"?: number;

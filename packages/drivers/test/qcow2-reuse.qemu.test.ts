@@ -8,7 +8,7 @@
  * qemu-io / `qemu-img compare` read the model too. The file stays small: freed clusters are really reused.
  */
 import { writeFileSync } from "node:fs";
-import { makeTempDir, missingPeers, pattern, rng, run } from "@blk/testkit";
+import { commandRunner, makeTempDir, missingPeers, pattern, rng } from "@blk/testkit";
 import { afterAll, describe, expect, it } from "vitest";
 import { type CreateQcow2Options, createQcow2, openQcow2 } from "../src/qcow2/index.ts";
 
@@ -22,12 +22,7 @@ const SIZE = 1 << 20;
 const dir = makeTempDir("blk-q2reuse");
 afterAll(() => dir.dispose());
 
-async function sh(cmd: string, args: string[], ok: readonly number[] = [0]) {
-  const r = await run(cmd, args, { cwd: dir.path, timeoutMs: 60_000 });
-  const code = r.code ?? -1;
-  if (!ok.includes(code)) throw new Error(`${cmd} ${args.join(" ")} failed (${code}): ${r.stderr}`);
-  return { code, out: r.stdout };
-}
+const sh = commandRunner(dir.path);
 
 const cases: [string, Omit<CreateQcow2Options, "filename" | "size">][] = [
   ["v3, 4 KiB clusters", { clusterSize: 4096 }],

@@ -4,7 +4,7 @@
  * tables) without changing the snapshot's view, apply and delete keep `qemu-img check` clean.
  */
 import { readFileSync, writeFileSync } from "node:fs";
-import { makeTempDir, missingPeers, run, sha256 } from "@blk/testkit";
+import { commandRunner, makeTempDir, missingPeers, run, sha256 } from "@blk/testkit";
 import { afterAll, describe, expect, it } from "vitest";
 import { openQcow2 } from "../src/qcow2/index.ts";
 import { type LogEntry, logFileWrites } from "./fixtures/qcow2/helpers.ts";
@@ -15,17 +15,7 @@ if (missing.length > 0) console.warn(`skipping qcow2 snapshot tests: missing ${m
 const dir = makeTempDir("blk-q2snap");
 afterAll(() => dir.dispose());
 
-async function sh(
-  cmd: string,
-  args: string[],
-  ok: readonly number[] = [0],
-): Promise<{ code: number; out: string }> {
-  const r = await run(cmd, args, { cwd: dir.path, timeoutMs: 120_000 });
-  const code = r.code ?? -1;
-  if (!ok.includes(code))
-    throw new Error(`${cmd} ${args.join(" ")} failed (${code}): ${r.stderr}${r.stdout}`);
-  return { code, out: r.stdout };
-}
+const sh = commandRunner(dir.path, 120_000);
 
 async function expectClean(name: string): Promise<void> {
   const r = await sh("qemu-img", ["check", "--output=json", name], [0, 1, 2, 3]);

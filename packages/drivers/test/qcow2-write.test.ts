@@ -6,7 +6,7 @@
  * refcounts set and clear the dirty bit; a file cut short mid-sequence shows at most leaks.
  */
 import { readFileSync, writeFileSync } from "node:fs";
-import { makeTempDir, missingPeers, pattern, run, sha256 } from "@blk/testkit";
+import { commandRunner, makeTempDir, missingPeers, pattern, run, sha256 } from "@blk/testkit";
 import fc from "fast-check";
 import { afterAll, describe, expect, it } from "vitest";
 import {
@@ -27,16 +27,7 @@ const RUNS = Number(process.env.QCOW2_WRITE_RUNS ?? 6);
 const dir = makeTempDir("blk-q2w");
 afterAll(() => dir.dispose());
 
-async function sh(
-  cmd: string,
-  args: string[],
-  ok: readonly number[] = [0],
-): Promise<{ code: number; out: string }> {
-  const r = await run(cmd, args, { cwd: dir.path, timeoutMs: 120_000 });
-  const code = r.code ?? -1;
-  if (!ok.includes(code)) throw new Error(`${cmd} ${args.join(" ")} failed (${code}): ${r.stderr}`);
-  return { code, out: r.stdout };
-}
+const sh = commandRunner(dir.path, 120_000);
 
 interface CheckJson {
   "check-errors"?: number;

@@ -7,7 +7,7 @@
  * `qemu-img check` and `qemu-img compare` must then agree.
  */
 import { copyFileSync } from "node:fs";
-import { makeTempDir, missingPeers, run } from "@blk/testkit";
+import { commandRunner, makeTempDir, missingPeers } from "@blk/testkit";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { openQcow2 } from "../src/qcow2/index.ts";
 
@@ -22,13 +22,7 @@ const SIZE = 7 * CS + 32 * K;
 const dir = makeTempDir("blk-q2zero");
 afterAll(() => dir.dispose());
 
-async function sh(cmd: string, args: string[], ok: readonly number[] = [0]) {
-  const r = await run(cmd, args, { cwd: dir.path, timeoutMs: 60_000 });
-  const code = r.code ?? -1;
-  if (!ok.includes(code))
-    throw new Error(`${cmd} ${args.join(" ")} failed (${code}): ${r.stderr}${r.stdout}`);
-  return { code, out: r.stdout };
-}
+const sh = commandRunner(dir.path);
 
 type Compat = "1.1" | "0.10";
 interface Setup {

@@ -4,9 +4,13 @@
  */
 export { fill, firstDifference, pattern, patternByte, rng, sha256 } from "./pattern.ts";
 export {
+  type CheckedRun,
+  type CommandRunner,
+  commandRunner,
   missingPeers,
   type Peer,
   PeerTimeoutError,
+  qemuTools,
   type RunOptions,
   type RunResult,
   run,

@@ -105,6 +105,55 @@ export function run(cmd: string, args: readonly string[], options: RunOptions = 
   });
 }
 
+/** What a {@link commandRunner} run gives back. */
+export interface CheckedRun {
+  code: number;
+  out: string;
+  err: string;
+}
+
+/** Runs `cmd args`, failing unless its exit code is in `ok` (default `[0]`). */
+export type CommandRunner = (
+  cmd: string,
+  args: readonly string[],
+  ok?: readonly number[],
+) => Promise<CheckedRun>;
+
+/**
+ * The tests' `sh`: a {@link run} in `cwd` with a time-out that throws when the exit code is not an
+ * expected one, so a failed setup step names itself.
+ * @example
+ * const sh = commandRunner(dir.path);
+ * const { out } = await sh("qemu-img", ["info", "--output=json", "a.qcow2"]);
+ * @throws {Error} `<cmd> <args> failed (<code>): <stderr><stdout>` from the runner
+ */
+export function commandRunner(cwd: string, timeoutMs = 60_000): CommandRunner {
+  return async (cmd, args, ok = [0]) => {
+    const r = await run(cmd, args, { cwd, timeoutMs });
+    const code = r.code ?? -1;
+    if (!ok.includes(code))
+      throw new Error(`${cmd} ${args.join(" ")} failed (${code}): ${r.stderr}${r.stdout}`);
+    return { code, out: r.stdout, err: r.stderr };
+  };
+}
+
+/**
+ * `qemu-img` and `qemu-io` (on a qcow2 image, one `-c` per command) through a runner.
+ * @example
+ * const { img, io } = qemuTools(commandRunner(dir.path));
+ * await img("create", "-q", "-f", "qcow2", "a.qcow2", "8M");
+ * await io("a.qcow2", "write -P 1 0 64k", "discard 64k 64k");
+ */
+export function qemuTools<T>(sh: (cmd: string, args: string[]) => Promise<T>): {
+  img: (...args: string[]) => Promise<T>;
+  io: (file: string, ...cmds: string[]) => Promise<T>;
+} {
+  return {
+    img: (...args) => sh("qemu-img", args),
+    io: (file, ...cmds) => sh("qemu-io", ["-f", "qcow2", ...cmds.flatMap((c) => ["-c", c]), file]),
+  };
+}
+
 /** A long-running peer (qemu-nbd, qemu-storage-daemon, nbdkit …) that is always killed. */
 export interface Peer extends AsyncDisposable {
   readonly child: ChildProcess;
