@@ -296,7 +296,6 @@ export async function convert(args: readonly string[], ctx: Context): Promise<nu
             status: zeroInit || sparse === 0 || compress ? "none" : hasChain(src.node) ? "chain" : "node",
             // Nothing else writes the sources while blk-img holds them: one status answer serves many chunks.
             staticSource: true,
-            detectZeroBuffers: false,
             // -S: zero runs in the data read are written as zeroes (left unwritten on a target that reads
             // as zeroes), searched on the target's sector grid. Offloaded data is not looked at (qemu-img
             // -C); what is read and written is searched as usual.
